@@ -1,0 +1,77 @@
+# runvm: build, install, test, demo, benchmarks.
+#
+#   make                 runvm, the static guest agent, the guest kernel and the initramfs in build/
+#   make demo            the main job: build everything and boot a busybox guest in a runvm VM
+#   make test            build everything and run all tests (unit, KVM, boot, end-to-end)
+#   make bench           benchmarks (boot time and memory against QEMU microvm)
+#   make install PREFIX=/usr/local
+#
+# The guest kernel is cached outside the tree (see kernel-config/build.sh).
+
+CARGO       ?= cargo
+PREFIX      ?= /usr/local
+TARGET      := x86_64-unknown-linux-gnu
+BUILD       := build
+SHARE       := $(BUILD)/share/runvm
+RUNVM       := $(BUILD)/bin/runvm
+AGENT       := target/$(TARGET)/agent/runvm-agent
+TEST_INIT   := target/$(TARGET)/agent/boot-check-init
+STATIC      := RUSTFLAGS="-C target-feature=+crt-static"
+
+.PHONY: all deps runvm agent kernel test-init install test demo bench clean FORCE
+
+all: $(RUNVM) $(SHARE)/vmlinux $(SHARE)/initramfs.cpio
+
+deps:
+	@scripts/install-deps.sh
+
+runvm: deps
+	$(CARGO) build --release -p runtime-cli
+
+$(RUNVM): runvm
+	@install -D -C target/release/runvm $@
+
+# The agent runs as PID 1 in an initramfs with nothing else: it must be static.
+agent: deps
+	$(STATIC) $(CARGO) build --profile agent --target $(TARGET) -p guest-agent
+
+test-init: deps
+	$(STATIC) $(CARGO) build --profile agent --target $(TARGET) -p runvm-tests --bin boot-check-init
+
+kernel: deps
+	@mkdir -p $(BUILD)
+	@kernel-config/build.sh > $(BUILD)/kernel.path.tmp
+	@tail -n1 $(BUILD)/kernel.path.tmp > $(BUILD)/kernel.path && rm -f $(BUILD)/kernel.path.tmp
+
+$(SHARE)/vmlinux: kernel
+	@install -D -C -m 644 "$$(cat $(BUILD)/kernel.path)" $@
+
+$(SHARE)/initramfs.cpio: agent $(RUNVM)
+	@mkdir -p $(SHARE)
+	$(RUNVM) initramfs --agent $(AGENT) --output $@
+
+install: all
+	install -D -m 755 $(RUNVM) $(DESTDIR)$(PREFIX)/bin/runvm
+	install -D -m 644 $(SHARE)/vmlinux $(DESTDIR)$(PREFIX)/share/runvm/vmlinux
+	install -D -m 644 $(SHARE)/initramfs.cpio $(DESTDIR)$(PREFIX)/share/runvm/initramfs.cpio
+
+# Tests that need /dev/kvm or the kernel skip with a reason; the summary lists them.
+test: all test-init
+	@rm -f $(BUILD)/skipped.log
+	RUNVM_KERNEL=$(abspath $(SHARE)/vmlinux) \
+	RUNVM_INITRD=$(abspath $(SHARE)/initramfs.cpio) \
+	RUNVM_BIN=$(abspath $(RUNVM)) \
+	RUNVM_TEST_INIT=$(abspath $(TEST_INIT)) \
+	RUNVM_TEST_SKIP_LOG=$(abspath $(BUILD)/skipped.log) \
+	$(CARGO) test --release --workspace
+	@if [ -s $(BUILD)/skipped.log ]; then echo "== skipped tests:"; cat $(BUILD)/skipped.log; else echo "== no test was skipped"; fi
+
+demo: all
+	@scripts/demo.sh $(abspath $(RUNVM))
+
+bench: all test-init
+	@scripts/bench-boot.sh $(abspath $(RUNVM)) $(abspath $(SHARE)/vmlinux) $(abspath $(TEST_INIT))
+
+clean:
+	$(CARGO) clean
+	rm -rf $(BUILD)

@@ -1,0 +1,191 @@
+//! Helpers shared by runvm's end-to-end tests: locating the built artifacts (kernel, test
+//! init, runvm binary), skipping clearly when the host cannot run a VM, and temporary
+//! directories that clean up after themselves.
+
+use std::path::{Path, PathBuf};
+
+/// Why a VM test cannot run here, or None if it can.
+pub fn kvm_unavailable() -> Option<String> {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => None,
+        Err(e) => Some(format!("/dev/kvm cannot be opened ({e})")),
+    }
+}
+
+/// Skips the calling test (returns from it) when `$reason` yields a reason: the reason
+/// goes to stderr and, when `RUNVM_TEST_SKIP_LOG` names a file, into it (`make test`
+/// prints that file at the end). `RUNVM_TEST_STRICT=1` turns a skip into a failure.
+#[macro_export]
+macro_rules! skip_unless {
+    ($reason:expr) => {
+        if let Some(why) = $reason {
+            $crate::record_skip(module_path!(), &why);
+            return;
+        }
+    };
+}
+
+/// Reports a skipped test; panics instead under `RUNVM_TEST_STRICT=1`.
+pub fn record_skip(test: &str, why: &str) {
+    if std::env::var("RUNVM_TEST_STRICT").as_deref() == Ok("1") {
+        panic!("required test {test} cannot run: {why}");
+    }
+    let line = format!("SKIPPED {test}: {why}\n");
+    eprint!("{line}");
+    if let Some(log) = std::env::var_os("RUNVM_TEST_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+        {
+            let _ = f.write_all(line.as_bytes());
+        }
+    }
+}
+
+/// A file named by an environment variable that `make test` sets.
+fn artifact(var: &str, what: &str) -> Result<PathBuf, String> {
+    match std::env::var_os(var) {
+        Some(p) if Path::new(&p).exists() => Ok(PathBuf::from(p)),
+        Some(p) => Err(format!(
+            "{what} {} ({var}) does not exist",
+            Path::new(&p).display()
+        )),
+        None => Err(format!(
+            "{var} is not set: run the tests with `make test`, which builds the {what}"
+        )),
+    }
+}
+
+/// The guest kernel built by `kernel-config/build.sh`.
+pub fn kernel() -> Result<PathBuf, String> {
+    artifact("RUNVM_KERNEL", "guest kernel")
+}
+
+/// The static boot-check init.
+pub fn boot_check_init() -> Result<PathBuf, String> {
+    artifact("RUNVM_TEST_INIT", "static boot-check init")
+}
+
+/// The runvm binary under test.
+pub fn runvm_bin() -> Result<PathBuf, String> {
+    if std::env::var_os("RUNVM_BIN").is_some() {
+        return artifact("RUNVM_BIN", "runvm binary");
+    }
+    // target/<profile>/deps/<test> -> target/<profile>/runvm
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let candidate = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("runvm"))
+        .ok_or("no target directory")?;
+    if candidate.exists() {
+        Ok(candidate)
+    } else {
+        Err(format!("runvm binary not built at {}", candidate.display()))
+    }
+}
+
+/// Everything a boot test needs, or the reason it cannot run.
+pub fn vm_test_unavailable() -> Option<String> {
+    kvm_unavailable()
+        .or_else(|| kernel().err())
+        .or_else(|| runvm_bin().err())
+}
+
+/// A temporary directory removed on drop.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates a fresh directory under the system temp dir.
+    pub fn new(tag: &str) -> Self {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "runvm-test-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&p).expect("creating temp dir");
+        TempDir(p)
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A token unlikely to appear by chance, for proving data made the round trip.
+pub fn token() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!("tok{:x}{:x}", t.as_nanos(), std::process::id())
+}
+
+/// What a finished command printed and how it ended.
+#[derive(Debug)]
+pub struct Finished {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub timed_out: bool,
+}
+
+/// Runs `cmd` to completion with piped stdout/stderr and no stdin; kills it (and reports
+/// `timed_out`) if it runs longer than `timeout`. The child is only ever signalled while it
+/// is still unreaped, so its pid cannot have been reused.
+pub fn run_with_timeout(mut cmd: std::process::Command, timeout: std::time::Duration) -> Finished {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning command under test");
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let out_t = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = out.read_to_end(&mut s);
+        s
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err.read_to_end(&mut s);
+        s
+    });
+    let deadline = std::time::Instant::now() + timeout;
+    let mut timed_out = false;
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("waiting for command") {
+            break st;
+        }
+        if std::time::Instant::now() >= deadline {
+            timed_out = true;
+            let _ = child.kill();
+            break child.wait().expect("waiting for killed command");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    Finished {
+        code: status.code(),
+        stdout: String::from_utf8_lossy(&out_t.join().unwrap()).into_owned(),
+        stderr: String::from_utf8_lossy(&err_t.join().unwrap()).into_owned(),
+        timed_out,
+    }
+}

@@ -1,0 +1,351 @@
+//! vCPU threads. Each runs `KVM_RUN` in a loop and routes exits through the port I/O and
+//! MMIO buses; exits that end the VM go to the exit notifier. A shared `VcpuControl` moves
+//! all vCPUs between running, paused and stopping; a real-time signal kicks a thread out of
+//! `KVM_RUN` so it notices.
+
+use std::sync::{Arc, Condvar, Mutex, Once};
+use std::thread::JoinHandle;
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use crate::bus::{lock, Bus};
+use crate::exit::{ExitNotifier, VmExit};
+use crate::memory::GuestMemory;
+
+/// Offset from SIGRTMIN of the signal that interrupts `KVM_RUN`.
+const KICK_SIGNAL_OFFSET: i32 = 0;
+
+/// What the vCPUs should be doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunState {
+    Running,
+    Paused,
+    Stopping,
+}
+
+/// Shared run state of all vCPUs of a VM: the requested state, how many vCPUs are parked,
+/// and the threads to kick out of `KVM_RUN` when the state changes.
+#[derive(Debug)]
+pub struct VcpuControl {
+    inner: Mutex<ControlInner>,
+    changed: Condvar,
+}
+
+#[derive(Debug)]
+struct ControlInner {
+    state: RunState,
+    parked: usize,
+    threads: Vec<libc::pthread_t>,
+}
+
+impl VcpuControl {
+    /// Control in the running state.
+    pub fn new() -> Self {
+        VcpuControl {
+            inner: Mutex::new(ControlInner {
+                state: RunState::Running,
+                parked: 0,
+                threads: Vec::new(),
+            }),
+            changed: Condvar::new(),
+        }
+    }
+
+    /// The requested state.
+    pub fn state(&self) -> RunState {
+        lock(&self.inner).state
+    }
+
+    /// Requests `state` (stopping is final) and kicks every vCPU so it notices.
+    pub fn set(&self, state: RunState) {
+        let mut s = lock(&self.inner);
+        if s.state != RunState::Stopping {
+            s.state = state;
+        }
+        Self::kick(&s);
+        self.changed.notify_all();
+    }
+
+    /// Requests a pause and waits until `n` vCPUs are parked (or the VM stops).
+    pub fn pause(&self, n: usize) {
+        self.set(RunState::Paused);
+        let mut s = lock(&self.inner);
+        while s.parked < n && s.state == RunState::Paused {
+            // A vCPU between its checkpoint and KVM_RUN misses a kick: repeat it.
+            Self::kick(&s);
+            s = self
+                .changed
+                .wait_timeout(s, std::time::Duration::from_millis(10))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Kicks every registered vCPU thread; returns how many are still registered.
+    pub fn kick_all(&self) -> usize {
+        let s = lock(&self.inner);
+        Self::kick(&s);
+        s.threads.len()
+    }
+
+    fn kick(s: &ControlInner) {
+        for t in &s.threads {
+            // SAFETY: threads deregister under this lock before they exit, so `t` names
+            // a live thread; the kick signal has an empty handler.
+            unsafe { libc::pthread_kill(*t, SIGRTMIN() + KICK_SIGNAL_OFFSET) };
+        }
+    }
+
+    fn register_current(&self) {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        lock(&self.inner).threads.push(me);
+    }
+
+    fn unregister_current(&self) {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        // SAFETY: comparing thread ids has no preconditions.
+        lock(&self.inner)
+            .threads
+            .retain(|t| unsafe { libc::pthread_equal(*t, me) } == 0);
+    }
+
+    /// Called by a vCPU thread between runs: parks while paused; returns false to stop.
+    fn checkpoint(&self) -> bool {
+        let mut s = lock(&self.inner);
+        if s.state == RunState::Paused {
+            s.parked += 1;
+            self.changed.notify_all();
+            while s.state == RunState::Paused {
+                s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+            }
+            s.parked -= 1;
+        }
+        s.state != RunState::Stopping
+    }
+}
+
+impl Default for VcpuControl {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the (empty) handler of the kick signal, once per process. Without SA_RESTART,
+/// a signal delivered during `KVM_RUN` makes it return EINTR.
+pub fn install_kick_handler() -> std::io::Result<()> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| {
+        result = register_signal_handler(SIGRTMIN() + KICK_SIGNAL_OFFSET, kick_handler)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()));
+    });
+    result
+}
+
+/// A vCPU ready to run.
+pub struct Vcpu {
+    index: u8,
+    fd: VcpuFd,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    exit: Arc<ExitNotifier>,
+    mem: GuestMemory,
+    control: Arc<VcpuControl>,
+}
+
+impl std::fmt::Debug for Vcpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vcpu")
+            .field("index", &self.index)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A running vCPU thread.
+#[derive(Debug)]
+pub struct VcpuThread {
+    index: u8,
+    handle: JoinHandle<()>,
+}
+
+impl VcpuThread {
+    /// Whether the thread has ended.
+    pub fn is_finished(&self) -> bool {
+        self.handle.is_finished()
+    }
+
+    /// Waits for the thread.
+    pub fn join(self) {
+        if self.handle.join().is_err() {
+            log::error!("vCPU {} thread panicked", self.index);
+        }
+    }
+}
+
+impl Vcpu {
+    /// Wraps a configured vCPU.
+    pub fn new(
+        index: u8,
+        fd: VcpuFd,
+        pio: Arc<Bus>,
+        mmio: Arc<Bus>,
+        exit: Arc<ExitNotifier>,
+        mem: GuestMemory,
+        control: Arc<VcpuControl>,
+    ) -> Self {
+        Vcpu {
+            index,
+            fd,
+            pio,
+            mmio,
+            exit,
+            mem,
+            control,
+        }
+    }
+
+    /// Starts the vCPU on its own thread.
+    pub fn spawn(self) -> std::io::Result<VcpuThread> {
+        let index = self.index;
+        let handle = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || self.run())?;
+        Ok(VcpuThread { index, handle })
+    }
+
+    fn run(mut self) {
+        self.control.register_current();
+        while self.control.checkpoint() {
+            if let Some(exit) = self.run_once() {
+                self.exit.report(exit);
+                break;
+            }
+        }
+        self.control.unregister_current();
+    }
+
+    /// One `KVM_RUN`; returns the VM's end when this exit is one.
+    fn run_once(&mut self) -> Option<VmExit> {
+        let index = self.index;
+        match self.fd.run() {
+            Ok(exit) => match exit {
+                VcpuExit::IoIn(port, data) => {
+                    if !self.pio.read(port.into(), data) {
+                        data.fill(0xff);
+                    }
+                    None
+                }
+                VcpuExit::IoOut(port, data) => {
+                    if !self.pio.write(port.into(), data) {
+                        log::trace!("vcpu{index}: unhandled out {port:#x}");
+                    }
+                    None
+                }
+                VcpuExit::MmioRead(addr, data) => {
+                    if !self.mmio.read(addr, data) {
+                        log::debug!("vcpu{index}: unhandled MMIO read at {addr:#x}");
+                        data.fill(0xff);
+                    }
+                    None
+                }
+                VcpuExit::MmioWrite(addr, data) => {
+                    if !self.mmio.write(addr, data) {
+                        log::debug!("vcpu{index}: unhandled MMIO write at {addr:#x}");
+                    }
+                    None
+                }
+                VcpuExit::Shutdown => Some(VmExit::TripleFault { vcpu: index }),
+                VcpuExit::SystemEvent(kind, _) => Some(match kind {
+                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => VmExit::Reset,
+                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => VmExit::PowerOff,
+                    kvm_bindings::KVM_SYSTEM_EVENT_CRASH => VmExit::Panic {
+                        message: "crash event from KVM".into(),
+                    },
+                    other => VmExit::VcpuError {
+                        vcpu: index,
+                        message: format!("unknown system event {other}"),
+                    },
+                }),
+                VcpuExit::Hlt => {
+                    // With the in-kernel LAPIC, KVM handles HLT itself; a HLT exit means the
+                    // guest stopped its CPU for good.
+                    Some(VmExit::PowerOff)
+                }
+                VcpuExit::InternalError => Some(self.internal_error()),
+                VcpuExit::FailEntry(reason, _) => Some(VmExit::FailEntry {
+                    vcpu: index,
+                    reason,
+                }),
+                VcpuExit::Intr => None,
+                other => {
+                    log::warn!("vcpu{index}: unexpected exit {other:?}");
+                    None
+                }
+            },
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+            Err(e) => Some(VmExit::VcpuError {
+                vcpu: index,
+                message: format!("KVM_RUN: {e}"),
+            }),
+        }
+    }
+
+    /// Describes an emulation failure: where, and the bytes KVM could not execute.
+    fn internal_error(&mut self) -> VmExit {
+        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the active
+        // member of the kvm_run exit union.
+        let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+        let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+        let mut bytes = Vec::new();
+        if let Ok(t) = self.fd.translate_gva(rip) {
+            if t.valid != 0 {
+                let mut buf = [0u8; 15];
+                if self
+                    .mem
+                    .read_slice(&mut buf, GuestAddress(t.physical_address))
+                    .is_ok()
+                {
+                    bytes = buf.to_vec();
+                }
+            }
+        }
+        VmExit::InternalError {
+            vcpu: self.index,
+            suberror,
+            rip,
+            bytes,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pause_parks_and_resume_releases() {
+        let c = Arc::new(VcpuControl::new());
+        let c2 = c.clone();
+        let c3 = c.clone();
+        let t = std::thread::spawn(move || {
+            while c2.state() == RunState::Running {
+                std::thread::yield_now();
+            }
+            c2.checkpoint()
+        });
+        std::thread::spawn(move || c3.pause(1)).join().unwrap();
+        assert!(!t.is_finished());
+        c.set(RunState::Running);
+        assert!(t.join().unwrap());
+        c.set(RunState::Stopping);
+        assert!(!c.checkpoint());
+        c.set(RunState::Running);
+        assert_eq!(c.state(), RunState::Stopping, "stopping is final");
+    }
+}

@@ -7,6 +7,7 @@
 # the compiler version), so a machine that built it once skips the build.
 #
 #   kernel-config/build.sh            build (or reuse) and print the vmlinux path last
+#                                     (a bzImage of the same kernel lies next to it)
 #   RUNVM_CACHE_DIR=DIR build.sh      cache root (default: $XDG_CACHE_HOME/runvm or ~/.cache/runvm)
 #   RUNVM_KERNEL_JOBS=N build.sh      parallel make jobs (default: nproc)
 set -euo pipefail
@@ -94,19 +95,20 @@ while IFS= read -r line; do
 done < "$here/runvm.config"
 [ $bad -eq 0 ] || die "the fragment's options did not all survive olddefconfig (see above)"
 
-log "compiling vmlinux"
+log "compiling vmlinux and bzImage"
 set +o pipefail
-make -C "$tree" -j"$jobs" vmlinux 2>&1 | tee -a "$work/build.log" | awk '
+make -C "$tree" -j"$jobs" vmlinux bzImage 2>&1 | tee -a "$work/build.log" | awk '
     /^  (CC|AS|LD|AR)/ { n++; if (n % 200 == 0) { printf "kernel:   %d objects\n", n > "/dev/stderr"; fflush("/dev/stderr") } }'
 status=${PIPESTATUS[0]}
 set -o pipefail
 if [ "$status" -ne 0 ]; then
     grep -E "error|Error" "$work/build.log" | head -n 20 >&2
-    die "make vmlinux failed (exit $status)"
+    die "make vmlinux bzImage failed (exit $status)"
 fi
 
 mkdir -p "$work/out"
 cp "$tree/vmlinux" "$work/out/vmlinux"
+cp "$tree/arch/x86/boot/bzImage" "$work/out/bzImage"
 cp "$tree/.config" "$work/out/config"
 rm -rf "$out_dir"
 mv "$work/out" "$out_dir"

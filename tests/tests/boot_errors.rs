@@ -4,7 +4,9 @@
 use std::process::Command;
 use std::time::Duration;
 
-use runvm_tests::{kernel, kvm_unavailable, run_with_timeout, runvm_bin, skip_unless, Finished, TempDir};
+use runvm_tests::{
+    kernel, kvm_unavailable, run_with_timeout, runvm_bin, skip_unless, Finished, TempDir,
+};
 
 fn runvm(args: &[&str]) -> Finished {
     let mut c = Command::new(runvm_bin().unwrap());
@@ -28,11 +30,23 @@ fn missing_and_non_kernel_files_are_named() {
     let dir = TempDir::new("bad-kernel");
     let log = dir.path().join("console.log");
     let log_s = log.to_str().unwrap();
-    let f = runvm(&["boot", "--kernel", "/nonexistent/vmlinux", "--console-log", log_s]);
+    let f = runvm(&[
+        "boot",
+        "--kernel",
+        "/nonexistent/vmlinux",
+        "--console-log",
+        log_s,
+    ]);
     assert_one_line_failure(&f, "cannot read kernel /nonexistent/vmlinux");
     let not_kernel = dir.path().join("notes.txt");
     std::fs::write(&not_kernel, "just text\n".repeat(100)).unwrap();
-    let f = runvm(&["boot", "--kernel", not_kernel.to_str().unwrap(), "--console-log", log_s]);
+    let f = runvm(&[
+        "boot",
+        "--kernel",
+        not_kernel.to_str().unwrap(),
+        "--console-log",
+        log_s,
+    ]);
     assert_one_line_failure(&f, "is not a kernel");
     let f = runvm(&["boot", "--kernel", "/", "--console-log", log_s]);
     assert_one_line_failure(&f, "not a regular file");
@@ -61,13 +75,27 @@ fn missing_initramfs_and_nonsense_sizes_are_refused() {
 
 #[test]
 fn initramfs_larger_than_guest_memory_is_refused() {
-    skip_unless!(runvm_bin().err().or_else(|| kernel().err()).or_else(kvm_unavailable));
+    skip_unless!(runvm_bin()
+        .err()
+        .or_else(|| kernel().err())
+        .or_else(kvm_unavailable));
     let dir = TempDir::new("big-initrd");
     let big = dir.path().join("big.cpio");
     // Sparse: 64 MiB of initramfs for a 32 MiB guest.
-    std::fs::File::create(&big).unwrap().set_len(64 << 20).unwrap();
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
     let k = kernel().unwrap();
-    let f = runvm(&["boot", "--kernel", k.to_str().unwrap(), "--initrd", big.to_str().unwrap(), "--mem", "32"]);
+    let f = runvm(&[
+        "boot",
+        "--kernel",
+        k.to_str().unwrap(),
+        "--initrd",
+        big.to_str().unwrap(),
+        "--mem",
+        "32",
+    ]);
     assert_one_line_failure(&f, "does not fit in guest memory");
 }
 
@@ -75,7 +103,10 @@ fn initramfs_larger_than_guest_memory_is_refused() {
 /// missing; or as an unprivileged user, so it is not permitted.
 #[test]
 fn missing_or_forbidden_dev_kvm_is_explained() {
-    skip_unless!(runvm_bin().err().or_else(|| kernel().err()).or_else(kvm_unavailable));
+    skip_unless!(runvm_bin()
+        .err()
+        .or_else(|| kernel().err())
+        .or_else(kvm_unavailable));
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         runvm_tests::record_skip(module_path!(), "needs root to hide /dev/kvm");
@@ -98,7 +129,10 @@ fn missing_or_forbidden_dev_kvm_is_explained() {
         .unwrap_or(true);
     if !world_rw {
         let mut c = Command::new("setpriv");
-        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"]).arg(&runvm).args(["boot", "--kernel"]).arg(&k);
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&runvm)
+            .args(["boot", "--kernel"])
+            .arg(&k);
         let f = run_with_timeout(c, Duration::from_secs(60));
         if f.stderr.contains("cannot read kernel") {
             runvm_tests::record_skip(module_path!(), "the kernel is not readable by nobody");

@@ -171,13 +171,25 @@ mod tests {
 
     #[test]
     fn kernel_and_initrd_must_be_readable_files() {
-        let e = VmConfig::new("/nonexistent/vmlinux").validate().unwrap_err();
-        assert!(e.to_string().starts_with("cannot read kernel /nonexistent/vmlinux"), "{e}");
+        let e = VmConfig::new("/nonexistent/vmlinux")
+            .validate()
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("cannot read kernel /nonexistent/vmlinux"),
+            "{e}"
+        );
         let e = VmConfig::new("/").validate().unwrap_err();
         assert!(e.to_string().contains("not a regular file"), "{e}");
         let mut c = VmConfig::new(existing_file());
         c.initrd = Some("/nonexistent/initrd".into());
-        assert!(matches!(c.validate(), Err(ConfigError::Unreadable { what: "initramfs", .. })));
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Unreadable {
+                what: "initramfs",
+                ..
+            })
+        ));
     }
 
     #[test]

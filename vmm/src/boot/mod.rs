@@ -239,7 +239,10 @@ mod tests {
         let p = tmp("text", &[b'x'; 4096]);
         let e = load_kernel(&mem, &p).unwrap_err();
         assert!(matches!(e, BootError::NotAKernel { .. }), "{e}");
-        assert!(matches!(check_kernel_format(&p), Err(BootError::NotAKernel { .. })));
+        assert!(matches!(
+            check_kernel_format(&p),
+            Err(BootError::NotAKernel { .. })
+        ));
         let mut bz = vec![0u8; 4096];
         bz[0x202..0x206].copy_from_slice(b"HdrS");
         std::fs::write(&p, &bz).unwrap();

@@ -4,6 +4,7 @@
 //! apart from them.
 
 pub mod mmio;
+pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;

@@ -1,0 +1,261 @@
+//! The virtio-vsock device model: three queues (RX, TX, event), the guest CID in config
+//! space, and the loop that moves packets between the queues and the backend. It runs on
+//! the event loop thread: queue kicks and backend readiness both arrive there.
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{VsockBackend, VsockError, MAX_PKT_DATA, VSOCK_DEVICE_ID};
+use crate::devices::virtio::{ActivateError, VirtioDevice, VirtioInterrupt, VirtioQueue};
+use crate::memory::GuestMemory;
+
+const RXQ: usize = 0;
+const TXQ: usize = 1;
+const EVQ: usize = 2;
+const QUEUE_SIZES: [u16; 3] = [256, 256, 16];
+
+// Event-loop tokens (the `data` of each registered event).
+const TOKEN_ACTIVATE: u32 = 0;
+const TOKEN_BACKEND: u32 = 1;
+const TOKEN_QUEUE_BASE: u32 = 10;
+
+struct Active {
+    mem: GuestMemory,
+    interrupt: Arc<VirtioInterrupt>,
+    queues: Vec<VirtioQueue>,
+}
+
+/// A vsock device with backend `B`.
+pub struct Vsock<B: VsockBackend> {
+    cid: u64,
+    backend: B,
+    active: Option<Active>,
+    activate_evt: EventFd,
+}
+
+impl<B: VsockBackend> std::fmt::Debug for Vsock<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vsock")
+            .field("cid", &self.cid)
+            .field("active", &self.active.is_some())
+            .finish()
+    }
+}
+
+impl<B: VsockBackend> Vsock<B> {
+    /// A device giving the guest context id `cid`.
+    pub fn new(cid: u64, backend: B) -> std::io::Result<Self> {
+        Ok(Vsock {
+            cid,
+            backend,
+            active: None,
+            activate_evt: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
+    }
+
+    /// The backend (for tests and diagnostics).
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// Moves guest packets from the TX queue to the backend. Returns whether any moved.
+    pub fn process_tx(&mut self) -> bool {
+        let Some(a) = self.active.as_mut() else {
+            return false;
+        };
+        let q = &mut a.queues[TXQ].queue;
+        let mut used = false;
+        while let Some(mut chain) = q.pop_descriptor_chain(&a.mem) {
+            let head = chain.head_index();
+            match VsockPacket::from_tx_virtq_chain(&a.mem, &mut chain, MAX_PKT_DATA) {
+                Ok(pkt) => self.backend.send_pkt(&pkt),
+                Err(e) => log::warn!("vsock: dropping malformed TX packet: {e:?}"),
+            }
+            if let Err(e) = q.add_used(&a.mem, head, 0) {
+                log::error!("vsock: TX add_used: {e:?}");
+            }
+            used = true;
+        }
+        if used {
+            signal_if_needed(q, &a.mem, &a.interrupt);
+        }
+        used
+    }
+
+    /// Fills guest RX buffers with what the backend has. Returns whether any was filled.
+    pub fn process_rx(&mut self) -> bool {
+        let Some(a) = self.active.as_mut() else {
+            return false;
+        };
+        let q = &mut a.queues[RXQ].queue;
+        let mut used = false;
+        while self.backend.has_pending_rx() {
+            let Some(mut chain) = q.pop_descriptor_chain(&a.mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let len = match VsockPacket::from_rx_virtq_chain(&a.mem, &mut chain, MAX_PKT_DATA) {
+                Ok(mut pkt) => match self.backend.recv_pkt(&mut pkt) {
+                    Ok(()) => PKT_HEADER_SIZE as u32 + pkt.len(),
+                    Err(VsockError::NoData) => {
+                        q.go_to_previous_position();
+                        break;
+                    }
+                    Err(e) => {
+                        log::warn!("vsock: RX buffer refused: {e}");
+                        0
+                    }
+                },
+                Err(e) => {
+                    log::warn!("vsock: unusable RX buffer: {e:?}");
+                    0
+                }
+            };
+            if let Err(e) = q.add_used(&a.mem, head, len) {
+                log::error!("vsock: RX add_used: {e:?}");
+            }
+            used = true;
+        }
+        if used {
+            signal_if_needed(q, &a.mem, &a.interrupt);
+        }
+        used
+    }
+
+    /// The backend's descriptor is ready: let it work, then move packets both ways.
+    pub fn handle_backend_event(&mut self, events: EventSet) {
+        self.backend.notify(events);
+        self.process_tx();
+        self.process_rx();
+    }
+
+    fn register_queues(&self, ops: &mut EventOps) {
+        if let Some(a) = &self.active {
+            for (i, q) in a.queues.iter().enumerate() {
+                let ev = Events::with_data(&q.notify, TOKEN_QUEUE_BASE + i as u32, EventSet::IN);
+                if let Err(e) = ops.add(ev) {
+                    log::error!("vsock: registering queue {i}: {e:?}");
+                }
+            }
+        }
+    }
+}
+
+fn signal_if_needed(q: &mut Queue, mem: &GuestMemory, interrupt: &VirtioInterrupt) {
+    match q.needs_notification(mem) {
+        Ok(true) => interrupt.signal_used_queue(),
+        Ok(false) => {}
+        Err(e) => {
+            log::error!("vsock: needs_notification: {e:?}");
+            interrupt.signal_used_queue();
+        }
+    }
+}
+
+impl<B: VsockBackend> VirtioDevice for Vsock<B> {
+    fn device_type(&self) -> u32 {
+        VSOCK_DEVICE_ID
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn features(&self) -> u64 {
+        0
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // struct virtio_vsock_config { le64 guest_cid; }
+        let cfg = self.cid.to_le_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = cfg.get(offset as usize + i).copied().unwrap_or(0);
+        }
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        interrupt: Arc<VirtioInterrupt>,
+        queues: Vec<VirtioQueue>,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != QUEUE_SIZES.len() {
+            return Err(ActivateError::QueueCount {
+                got: queues.len(),
+                need: QUEUE_SIZES.len(),
+            });
+        }
+        self.active = Some(Active {
+            mem,
+            interrupt,
+            queues,
+        });
+        // The event loop registers the queue eventfds when it sees this.
+        self.activate_evt
+            .write(1)
+            .map_err(|e| ActivateError::Backend(format!("activate eventfd: {e}")))
+    }
+}
+
+impl<B: VsockBackend> MutEventSubscriber for Vsock<B> {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            TOKEN_ACTIVATE => {
+                let _ = self.activate_evt.read();
+                self.register_queues(ops);
+                // Host connections may have queued packets before the driver was up.
+                self.process_rx();
+            }
+            TOKEN_BACKEND => self.handle_backend_event(events.event_set()),
+            t if t >= TOKEN_QUEUE_BASE => {
+                let index = (t - TOKEN_QUEUE_BASE) as usize;
+                if let Some(a) = &self.active {
+                    let _ = a.queues[index].notify.read();
+                }
+                match index {
+                    RXQ => {
+                        self.process_rx();
+                    }
+                    TXQ => {
+                        // Answers to TX packets (RESPONSE, RST, credit) go out right away.
+                        self.process_tx();
+                        self.process_rx();
+                    }
+                    EVQ => {}
+                    _ => {}
+                }
+            }
+            other => log::warn!("vsock: event for unknown token {other}"),
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let activate = Events::with_data(&self.activate_evt, TOKEN_ACTIVATE, EventSet::IN);
+        if let Err(e) = ops.add(activate) {
+            log::error!("vsock: registering activate eventfd: {e:?}");
+        }
+        let backend = Events::with_data_raw(
+            self.backend.as_raw_fd(),
+            TOKEN_BACKEND,
+            self.backend.interest(),
+        );
+        if let Err(e) = ops.add(backend) {
+            log::error!("vsock: registering backend fd: {e:?}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
+
+impl<B: VsockBackend> AsRawFd for Vsock<B> {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.backend.as_raw_fd()
+    }
+}

@@ -3,7 +3,7 @@
 #   make                 runvm, the static guest agent, the guest kernel and the initramfs in build/
 #   make demo            the main job: build everything and boot a busybox guest in a runvm VM
 #   make test            build everything and run all tests (unit, KVM, boot, end-to-end)
-#   make bench           benchmarks (boot time and memory against QEMU microvm)
+#   make bench           benchmarks against references (BENCHES="boot agent" picks some)
 #   make install PREFIX=/usr/local
 #
 # The guest kernel is cached outside the tree (see kernel-config/build.sh).
@@ -15,10 +15,10 @@ BUILD       := build
 SHARE       := $(BUILD)/share/runvm
 RUNVM       := $(BUILD)/bin/runvm
 AGENT       := target/$(TARGET)/agent/runvm-agent
-TEST_INIT   := target/$(TARGET)/agent/boot-check-init
+TEST_BINS   := target/$(TARGET)/agent
 STATIC      := RUSTFLAGS="-C target-feature=+crt-static"
 
-.PHONY: all deps runvm agent kernel test-init install test demo bench clean FORCE
+.PHONY: all deps runvm agent kernel test-bins install test demo bench clean
 
 all: $(RUNVM) $(SHARE)/vmlinux $(SHARE)/initramfs.cpio
 
@@ -35,8 +35,9 @@ $(RUNVM): runvm
 agent: deps
 	$(STATIC) $(CARGO) build --profile agent --target $(TARGET) -p guest-agent
 
-test-init: deps
-	$(STATIC) $(CARGO) build --profile agent --target $(TARGET) -p runvm-tests --bin boot-check-init
+# Static test programs that run in guests (a test /init, an AVX state checker).
+test-bins: deps
+	$(STATIC) $(CARGO) build --profile agent --target $(TARGET) -p runvm-tests --bin boot-check-init --bin avx-check
 
 kernel: deps
 	@mkdir -p $(BUILD)
@@ -45,6 +46,7 @@ kernel: deps
 
 $(SHARE)/vmlinux: kernel
 	@install -D -C -m 644 "$$(cat $(BUILD)/kernel.path)" $@
+	@install -D -C -m 644 "$$(dirname "$$(cat $(BUILD)/kernel.path)")/bzImage" $(SHARE)/bzImage
 
 $(SHARE)/initramfs.cpio: agent $(RUNVM)
 	@mkdir -p $(SHARE)
@@ -53,15 +55,17 @@ $(SHARE)/initramfs.cpio: agent $(RUNVM)
 install: all
 	install -D -m 755 $(RUNVM) $(DESTDIR)$(PREFIX)/bin/runvm
 	install -D -m 644 $(SHARE)/vmlinux $(DESTDIR)$(PREFIX)/share/runvm/vmlinux
+	install -D -m 644 $(SHARE)/bzImage $(DESTDIR)$(PREFIX)/share/runvm/bzImage
 	install -D -m 644 $(SHARE)/initramfs.cpio $(DESTDIR)$(PREFIX)/share/runvm/initramfs.cpio
 
 # Tests that need /dev/kvm or the kernel skip with a reason; the summary lists them.
-test: all test-init
+test: all test-bins
 	@rm -f $(BUILD)/skipped.log
 	RUNVM_KERNEL=$(abspath $(SHARE)/vmlinux) \
 	RUNVM_INITRD=$(abspath $(SHARE)/initramfs.cpio) \
 	RUNVM_BIN=$(abspath $(RUNVM)) \
-	RUNVM_TEST_INIT=$(abspath $(TEST_INIT)) \
+	RUNVM_AGENT=$(abspath $(AGENT)) \
+	RUNVM_TEST_BINS=$(abspath $(TEST_BINS)) \
 	RUNVM_TEST_SKIP_LOG=$(abspath $(BUILD)/skipped.log) \
 	$(CARGO) test --release --workspace
 	@if [ -s $(BUILD)/skipped.log ]; then echo "== skipped tests:"; cat $(BUILD)/skipped.log; else echo "== no test was skipped"; fi
@@ -69,8 +73,8 @@ test: all test-init
 demo: all
 	@scripts/demo.sh $(abspath $(RUNVM))
 
-bench: all test-init
-	@scripts/bench-boot.sh $(abspath $(RUNVM)) $(abspath $(SHARE)/vmlinux) $(abspath $(TEST_INIT))
+bench: all test-bins
+	@scripts/bench.sh $(abspath $(RUNVM)) $(abspath $(SHARE)/vmlinux) $(abspath $(AGENT)) $(abspath $(TEST_BINS)) $(BENCHES)
 
 clean:
 	$(CARGO) clean

@@ -3,8 +3,8 @@
 
 use anyhow::{bail, Context};
 
-use crate::assets;
 use crate::cli::{BootArgs, Cli};
+use runtime_cli::assets;
 use vmm::{ConsoleOutput, HostProfile, VmBuilder, VmConfig};
 
 pub fn run(cli: &Cli, args: &BootArgs) -> anyhow::Result<()> {

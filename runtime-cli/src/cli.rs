@@ -36,9 +36,36 @@ pub struct Cli {
 pub enum Command {
     /// Boot a guest kernel and show its console (no container).
     Boot(BootArgs),
+    /// Run a command in a fresh VM whose root is the agent initramfs.
+    VmRun(VmRunArgs),
     /// Write the agent initramfs (used by `make`).
     #[command(hide = true)]
     Initramfs(InitramfsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct VmRunArgs {
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = vmm::config::DEFAULT_MEM_MIB, value_parser = parse_mem)]
+    pub mem: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1, value_parser = parse_cpus)]
+    pub cpus: u8,
+    /// Extra kernel command line.
+    #[arg(long, default_value = "")]
+    pub cmdline: String,
+    /// Environment variable for the command (KEY=VALUE), repeatable.
+    #[arg(long = "env", short = 'e')]
+    pub env: Vec<String>,
+    /// Working directory of the command.
+    #[arg(long, default_value = "/")]
+    pub cwd: String,
+    /// Save the guest console here.
+    #[arg(long)]
+    pub console_log: Option<PathBuf>,
+    /// The command and its arguments.
+    #[arg(last = true)]
+    pub command: Vec<String>,
 }
 
 #[derive(Debug, Args)]

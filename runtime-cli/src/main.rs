@@ -1,11 +1,11 @@
 //! `runvm`: the OCI runtime command line. Parses flags, sets up logging and dispatches to
 //! one module per verb; errors end as one line on stderr (and in the `--log` file).
 
-mod assets;
 mod boot;
 mod cli;
-mod logging;
-mod util;
+mod vm_run;
+
+use runtime_cli::{assets, logging};
 
 use clap::Parser;
 
@@ -27,6 +27,9 @@ fn main() {
     }
     let result = match &cli.command {
         cli::Command::Boot(args) => boot::run(&cli, args),
+        cli::Command::VmRun(args) => {
+            vm_run::run(&cli, args).map(|status| std::process::exit(status))
+        }
         cli::Command::Initramfs(args) => assets::write_initramfs(&args.agent, &args.output),
     };
     if let Err(e) = result {

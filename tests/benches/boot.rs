@@ -4,7 +4,7 @@
 //! medians and the runvm/QEMU ratios.
 //!
 //! `cargo bench -p runvm-tests --bench boot` (or `make bench`, which builds what it needs).
-//! Env: RUNVM_BIN, RUNVM_KERNEL, RUNVM_TEST_INIT; BENCH_RUNS (default 3).
+//! Env: RUNVM_BIN, RUNVM_KERNEL, RUNVM_TEST_BINS; BENCH_RUNS (default 3).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};

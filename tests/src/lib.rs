@@ -67,9 +67,65 @@ pub fn kernel() -> Result<PathBuf, String> {
     artifact("RUNVM_KERNEL", "guest kernel")
 }
 
+/// A static test program (`tests/src/bin/`) from `RUNVM_TEST_BINS`, where `make test`
+/// builds them with `+crt-static` so they run in a guest with nothing else.
+pub fn static_test_bin(name: &str) -> Result<PathBuf, String> {
+    let dir = artifact("RUNVM_TEST_BINS", "static test programs directory")?;
+    let p = dir.join(name);
+    if p.exists() {
+        Ok(p)
+    } else {
+        Err(format!("static test program {} is missing", p.display()))
+    }
+}
+
 /// The static boot-check init.
 pub fn boot_check_init() -> Result<PathBuf, String> {
-    artifact("RUNVM_TEST_INIT", "static boot-check init")
+    static_test_bin("boot-check-init")
+}
+
+/// Debian's static busybox, for guests that need a shell and tools.
+pub fn busybox() -> Result<PathBuf, String> {
+    let p = PathBuf::from("/bin/busybox");
+    if p.exists() {
+        Ok(p)
+    } else {
+        Err("/bin/busybox is missing (apt-get install busybox-static; `make test` does)".into())
+    }
+}
+
+/// An initramfs whose `/init` is the guest agent, with busybox and its applets, and the
+/// given extra files (guest path, host path).
+pub fn agent_initramfs(extra: &[(&str, &Path)]) -> Result<Vec<u8>, String> {
+    let agent = agent_bin()?;
+    let bb = busybox()?;
+    let mut image = vmm::initramfs::Initramfs::new();
+    image.base_layout();
+    for d in ["bin", "sbin", "usr", "usr/bin", "usr/sbin", "root"] {
+        image.dir(d, 0o755);
+    }
+    image
+        .file_from("init", 0o755, &agent)
+        .map_err(|e| e.to_string())?;
+    image
+        .file_from("bin/busybox", 0o755, &bb)
+        .map_err(|e| e.to_string())?;
+    let list = std::process::Command::new(&bb)
+        .arg("--list-full")
+        .output()
+        .map_err(|e| format!("busybox --list-full: {e}"))?;
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        let applet = applet.trim();
+        if !applet.is_empty() && applet != "bin/busybox" {
+            image.symlink(applet, "/bin/busybox");
+        }
+    }
+    for (guest, host) in extra {
+        image
+            .file_from(guest, 0o755, host)
+            .map_err(|e| format!("{}: {e}", host.display()))?;
+    }
+    Ok(image.to_bytes())
 }
 
 /// The runvm binary under test.
@@ -187,5 +243,109 @@ pub fn run_with_timeout(mut cmd: std::process::Command, timeout: std::time::Dura
         stdout: String::from_utf8_lossy(&out_t.join().unwrap()).into_owned(),
         stderr: String::from_utf8_lossy(&err_t.join().unwrap()).into_owned(),
         timed_out,
+    }
+}
+
+/// The guest agent binary: the static one `make test` builds (`RUNVM_AGENT`), else the
+/// workspace build next to the test executable.
+pub fn agent_bin() -> Result<PathBuf, String> {
+    if std::env::var_os("RUNVM_AGENT").is_some() {
+        return artifact("RUNVM_AGENT", "guest agent");
+    }
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let candidate = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("runvm-agent"))
+        .ok_or("no target directory")?;
+    if candidate.exists() {
+        Ok(candidate)
+    } else {
+        Err(format!("runvm-agent not built at {}", candidate.display()))
+    }
+}
+
+/// A guest agent running on the host (`--listen unix:PATH`), killed and reaped on drop.
+#[derive(Debug)]
+pub struct HostAgent {
+    child: std::process::Child,
+    socket: PathBuf,
+    _dir: TempDir,
+}
+
+impl HostAgent {
+    /// Starts an agent and waits for its socket.
+    pub fn start() -> Self {
+        let dir = TempDir::new("agent");
+        let socket = dir.path().join("agent.sock");
+        let child = std::process::Command::new(agent_bin().expect("agent binary"))
+            .arg("--listen")
+            .arg(format!("unix:{}", socket.display()))
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("starting runvm-agent");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "agent socket never appeared"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        HostAgent {
+            child,
+            socket,
+            _dir: dir,
+        }
+    }
+
+    /// The agent's socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// A client for it.
+    pub fn client(&self) -> runtime_cli::agent_client::AgentClient {
+        runtime_cli::agent_client::AgentClient::new(std::sync::Arc::new(
+            runtime_cli::agent_client::UnixDialer(self.socket.clone()),
+        ))
+    }
+
+    /// Whether the agent process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for HostAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `Write` that collects into a shared buffer (for capturing a process's output).
+#[derive(Clone, Debug, Default)]
+pub struct Capture(pub std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Capture {
+    /// What was written so far.
+    pub fn bytes(&self) -> Vec<u8> {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// What was written so far, as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.bytes()).into_owned()
+    }
+}
+
+impl std::io::Write for Capture {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }

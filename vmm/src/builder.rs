@@ -341,6 +341,11 @@ impl VmHandle {
     pub fn resume(&self) {
         self.control.set(RunState::Running);
     }
+
+    /// Waits up to `timeout` (forever with None) for the VM to end; returns the raw reason.
+    pub fn wait_ended(&self, timeout: Option<std::time::Duration>) -> Option<VmExit> {
+        self.exit.wait_timeout(timeout)
+    }
 }
 
 /// A running VM.
@@ -363,6 +368,16 @@ impl RunningVm {
             control: self.control.clone(),
             vcpus: self.threads.len(),
         }
+    }
+
+    /// Whether the VM has ended (or is ending), waiting up to `timeout` for it.
+    pub fn ended_within(&self, timeout: std::time::Duration) -> bool {
+        self.exit.wait_timeout(Some(timeout)).is_some()
+    }
+
+    /// A descriptor that becomes readable when the VM ends (for `poll` with other fds).
+    pub fn exit_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(self.exit.eventfd())
     }
 
     /// Waits until the VM ends, stops every thread and returns why it ended.

@@ -117,17 +117,36 @@ impl ExitNotifier {
     /// Blocks until a reason is reported and returns it.
     pub fn wait(&self) -> VmExit {
         loop {
-            if let Some(exit) = self.peek() {
+            if let Some(exit) = self.wait_timeout(None) {
                 return exit;
             }
+        }
+    }
+
+    /// Blocks until a reason is reported or `timeout` passes.
+    pub fn wait_timeout(&self, timeout: Option<std::time::Duration>) -> Option<VmExit> {
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        loop {
+            if let Some(exit) = self.peek() {
+                return Some(exit);
+            }
+            let ms = match deadline {
+                None => -1,
+                Some(d) => {
+                    let left = d.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        return None;
+                    }
+                    left.as_millis().min(i32::MAX as u128) as i32
+                }
+            };
             let mut pfd = libc::pollfd {
                 fd: std::os::fd::AsRawFd::as_raw_fd(&self.evt),
                 events: libc::POLLIN,
                 revents: 0,
             };
             // SAFETY: `pfd` is a valid pollfd for the duration of the call.
-            unsafe { libc::poll(&mut pfd, 1, -1) };
-            let _ = self.evt.read();
+            unsafe { libc::poll(&mut pfd, 1, ms) };
         }
     }
 }

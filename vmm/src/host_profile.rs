@@ -32,6 +32,15 @@ const SOFTWARE_KVM_ARGS: &[(&str, &str)] = &[
         "noreplace-smp",
         "patching lock prefixes at boot costs seconds of emulated text_poke",
     ),
+    (
+        // Not a kernel switch: the kernel hands unknown NAME=value words to /init as its
+        // environment, and runvm's agent passes this one on to every process it starts.
+        "GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512CD,-AVX512BW,-AVX512DQ,-AVX512VL,-AVX_Fast_Unaligned_Load",
+        "guest user space runs with the host's XCR0, but the guest kernel (clearcpuid=xsave) \
+         preserves only x87/SSE registers across context switches, so AVX register contents \
+         leak between guest processes and corrupt data; glibc's string and memory functions \
+         then stay off AVX. Code that uses AVX registers directly is not covered",
+    ),
 ];
 
 /// The workarounds that apply on this host.
@@ -78,6 +87,12 @@ impl HostProfile {
         args.iter().map(|(arg, _why)| *arg)
     }
 
+    /// The environment variable the agent must pass to guest processes, if any.
+    pub fn guest_env(&self) -> Option<&'static str> {
+        self.kernel_args()
+            .find(|a| a.starts_with("GLIBC_TUNABLES="))
+    }
+
     /// The number of vCPUs this host can boot, given what was asked for.
     ///
     /// Software KVM hangs while bringing up secondary CPUs, so it gets one.
@@ -108,6 +123,7 @@ mod tests {
     fn hardware_adds_nothing() {
         let p = HostProfile::for_kind(HostKind::HardwareKvm);
         assert_eq!(p.kernel_args().count(), 0);
+        assert_eq!(p.guest_env(), None);
         assert_eq!(p.vcpus(4), 4);
     }
 
@@ -115,6 +131,7 @@ mod tests {
     fn software_limits_vcpus_and_adds_switches() {
         let p = HostProfile::for_kind(HostKind::SoftwareKvm);
         assert_eq!(p.vcpus(4), 1);
+        assert!(p.guest_env().unwrap().contains("-AVX2"));
         let args: Vec<_> = p.kernel_args().collect();
         assert!(args.iter().any(|a| a.starts_with("clearcpuid=")));
         // The kernel truncates clearcpuid= after 127 characters of value.

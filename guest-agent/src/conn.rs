@@ -1,0 +1,68 @@
+//! Connections to the host: the listening socket (vsock in a VM, Unix on the host) and the
+//! one-shot "ready" connection a VM agent makes to the host.
+//!
+//! Every accepted connection is returned as a `UnixStream`: for reading, writing and
+//! shutting down, a connected vsock socket behaves like any other stream socket.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+
+use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, VsockAddr};
+
+/// Host context id.
+const VMADDR_CID_HOST: u32 = 2;
+/// Any local context id.
+const VMADDR_CID_ANY: u32 = u32::MAX;
+
+/// Where host connections arrive.
+#[derive(Debug)]
+pub enum Listener {
+    Vsock(OwnedFd),
+    Unix(UnixListener),
+}
+
+impl Listener {
+    /// Listens on vsock `port`.
+    pub fn vsock(port: u32) -> io::Result<Self> {
+        let fd = socket::socket(
+            AddressFamily::Vsock,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        socket::bind(fd.as_raw_fd(), &VsockAddr::new(VMADDR_CID_ANY, port))?;
+        socket::listen(&fd, socket::Backlog::new(64).map_err(io::Error::from)?)?;
+        Ok(Listener::Vsock(fd))
+    }
+
+    /// Listens on the Unix socket `path` (replacing a stale one).
+    pub fn unix(path: &Path) -> io::Result<Self> {
+        let _ = std::fs::remove_file(path);
+        Ok(Listener::Unix(UnixListener::bind(path)?))
+    }
+
+    /// Waits for the next connection.
+    pub fn accept(&self) -> io::Result<UnixStream> {
+        match self {
+            Listener::Vsock(fd) => {
+                let c = socket::accept4(fd, SockFlag::SOCK_CLOEXEC)?;
+                Ok(UnixStream::from(c))
+            }
+            Listener::Unix(l) => l.accept().map(|(s, _)| s),
+        }
+    }
+}
+
+/// Connects to the host's vsock `port`.
+pub fn connect_host(port: u32) -> io::Result<UnixStream> {
+    let fd = socket::socket(
+        AddressFamily::Vsock,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    socket::connect(fd.as_raw_fd(), &VsockAddr::new(VMADDR_CID_HOST, port))?;
+    Ok(UnixStream::from(fd))
+}

@@ -1,0 +1,303 @@
+//! Starting one process from a `ProcessSpec`: its stdio (pipes, /dev/null or a new
+//! terminal), environment, working directory, user and groups, umask, resource limits,
+//! no_new_privileges and OOM score. Everything the child does between fork and exec is
+//! prepared beforehand, so the child only makes system calls.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio as StdStdio};
+
+use agent_protocol::{ProcessSpec, Stdio};
+
+/// Environment the host profile asks for in every guest process (see `set_profile_env`).
+static PROFILE_ENV: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
+
+/// Records variables of the agent's own environment that every process must get too:
+/// on software-KVM hosts the kernel command line carries `GLIBC_TUNABLES` (keeping glibc
+/// off AVX registers the guest kernel cannot preserve there). A process spec that sets a
+/// variable itself keeps its own value.
+pub fn set_profile_env() {
+    let vars = ["GLIBC_TUNABLES"]
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
+        .collect();
+    let _ = PROFILE_ENV.set(vars);
+}
+
+/// A started process and the host-facing ends of its stdio.
+#[derive(Debug)]
+pub struct Spawned {
+    pub pid: i32,
+    pub stdin: Option<File>,
+    pub stdout: Option<File>,
+    pub stderr: Option<File>,
+    /// Terminal master, when the process has a terminal.
+    pub pty: Option<File>,
+}
+
+/// Why a process could not start, with the exit status that stands for it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SpawnError {
+    pub status: i32,
+    pub message: String,
+}
+
+fn fail(status: i32, message: String) -> SpawnError {
+    SpawnError { status, message }
+}
+
+fn rlimit_resource(name: &str) -> Option<libc::__rlimit_resource_t> {
+    Some(match name {
+        "RLIMIT_AS" => libc::RLIMIT_AS,
+        "RLIMIT_CORE" => libc::RLIMIT_CORE,
+        "RLIMIT_CPU" => libc::RLIMIT_CPU,
+        "RLIMIT_DATA" => libc::RLIMIT_DATA,
+        "RLIMIT_FSIZE" => libc::RLIMIT_FSIZE,
+        "RLIMIT_LOCKS" => libc::RLIMIT_LOCKS,
+        "RLIMIT_MEMLOCK" => libc::RLIMIT_MEMLOCK,
+        "RLIMIT_MSGQUEUE" => libc::RLIMIT_MSGQUEUE,
+        "RLIMIT_NICE" => libc::RLIMIT_NICE,
+        "RLIMIT_NOFILE" => libc::RLIMIT_NOFILE,
+        "RLIMIT_NPROC" => libc::RLIMIT_NPROC,
+        "RLIMIT_RSS" => libc::RLIMIT_RSS,
+        "RLIMIT_RTPRIO" => libc::RLIMIT_RTPRIO,
+        "RLIMIT_RTTIME" => libc::RLIMIT_RTTIME,
+        "RLIMIT_SIGPENDING" => libc::RLIMIT_SIGPENDING,
+        "RLIMIT_STACK" => libc::RLIMIT_STACK,
+        _ => return None,
+    })
+}
+
+/// Looks `name` up in `path_var` the way execvp does, so errors can say "not found"
+/// (127) apart from "not executable" (126).
+fn resolve(name: &str, path_var: Option<&str>, cwd: &str) -> Result<String, SpawnError> {
+    use std::os::unix::fs::PermissionsExt;
+    let check = |p: &std::path::Path| -> Result<(), SpawnError> {
+        let meta = std::fs::metadata(p)
+            .map_err(|_| fail(127, format!("{name}: no such file or directory")))?;
+        if meta.is_dir() || meta.permissions().mode() & 0o111 == 0 {
+            return Err(fail(
+                126,
+                format!("{name}: permission denied (not an executable file)"),
+            ));
+        }
+        Ok(())
+    };
+    if name.contains('/') {
+        let p = std::path::Path::new(cwd).join(name);
+        check(&p)?;
+        return Ok(name.to_string());
+    }
+    let path_var =
+        path_var.unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    let mut denied = None;
+    for dir in path_var.split(':').filter(|d| !d.is_empty()) {
+        let candidate = std::path::Path::new(dir).join(name);
+        match check(&candidate) {
+            Ok(()) => return Ok(candidate.to_string_lossy().into_owned()),
+            Err(e) if e.status == 126 && candidate.exists() => denied = Some(e),
+            Err(_) => {}
+        }
+    }
+    Err(denied.unwrap_or_else(|| fail(127, format!("{name}: executable file not found in $PATH"))))
+}
+
+/// Checks what can be checked before the process starts: arguments, executable, cwd.
+pub fn validate(spec: &ProcessSpec) -> Result<String, SpawnError> {
+    let name = spec
+        .args
+        .first()
+        .ok_or_else(|| fail(1, "process has no arguments".into()))?;
+    if !std::path::Path::new(&spec.cwd).is_dir() {
+        return Err(fail(
+            1,
+            format!("working directory {} does not exist", spec.cwd),
+        ));
+    }
+    let path_var = spec.env.iter().find_map(|e| e.strip_prefix("PATH="));
+    resolve(name, path_var, &spec.cwd)
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), SpawnError> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| fail(1, format!("pipe: {e}")))
+}
+
+/// Starts `spec` with stdio per `stdio` (ignored when the spec asks for a terminal).
+pub fn spawn(spec: &ProcessSpec, stdio: Stdio) -> Result<Spawned, SpawnError> {
+    let program = validate(spec)?;
+    let mut cmd = Command::new(&program);
+    cmd.arg0(&spec.args[0])
+        .args(&spec.args[1..])
+        .env_clear()
+        .current_dir(&spec.cwd);
+    for (k, v) in PROFILE_ENV.get().into_iter().flatten() {
+        cmd.env(k, v);
+    }
+    for kv in &spec.env {
+        if let Some((k, v)) = kv.split_once('=') {
+            cmd.env(k, v);
+        }
+    }
+
+    let mut out = Spawned {
+        pid: 0,
+        stdin: None,
+        stdout: None,
+        stderr: None,
+        pty: None,
+    };
+    if spec.terminal {
+        let winsize = spec.console_size.map(|s| nix::pty::Winsize {
+            ws_row: s.height,
+            ws_col: s.width,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        });
+        let pty = nix::pty::openpty(winsize.as_ref(), None)
+            .map_err(|e| fail(1, format!("openpty: {e}")))?;
+        let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| fail(1, format!("dup: {e}")));
+        cmd.stdin(StdStdio::from(dup(&pty.slave)?))
+            .stdout(StdStdio::from(dup(&pty.slave)?))
+            .stderr(StdStdio::from(pty.slave));
+        nix::fcntl::fcntl(
+            &pty.master,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )
+        .map_err(|e| fail(1, format!("fcntl: {e}")))?;
+        out.pty = Some(File::from(pty.master));
+    } else {
+        if stdio.stdin {
+            let (r, w) = pipe()?;
+            cmd.stdin(StdStdio::from(r));
+            out.stdin = Some(File::from(w));
+        } else {
+            cmd.stdin(StdStdio::null());
+        }
+        if stdio.stdout {
+            let (r, w) = pipe()?;
+            cmd.stdout(StdStdio::from(w));
+            out.stdout = Some(File::from(r));
+        } else {
+            cmd.stdout(StdStdio::null());
+        }
+        if stdio.stderr {
+            let (r, w) = pipe()?;
+            cmd.stderr(StdStdio::from(w));
+            out.stderr = Some(File::from(r));
+        } else {
+            cmd.stderr(StdStdio::null());
+        }
+    }
+
+    // Everything the child needs, computed before fork.
+    let terminal = spec.terminal;
+    let umask = spec.user.umask;
+    let groups: Vec<libc::gid_t> = spec.user.additional_gids.clone();
+    let (uid, gid) = (spec.user.uid, spec.user.gid);
+    let no_new_privs = spec.no_new_privileges;
+    let mut limits = Vec::new();
+    for r in &spec.rlimits {
+        let res = rlimit_resource(&r.kind)
+            .ok_or_else(|| fail(1, format!("unknown rlimit {}", r.kind)))?;
+        limits.push((
+            res,
+            libc::rlimit {
+                rlim_cur: r.soft,
+                rlim_max: r.hard,
+            },
+        ));
+    }
+    let oom = spec.oom_score_adj.map(|v| v.to_string().into_bytes());
+    let oom_path = CString::new("/proc/self/oom_score_adj").expect("static path");
+
+    // SAFETY: the closure runs in the child between fork and exec and only makes system
+    // calls on data prepared above; it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            let check = |r: libc::c_int| {
+                if r < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            };
+            check(libc::setsid())?;
+            if terminal {
+                check(libc::ioctl(0, libc::TIOCSCTTY, 0))?;
+            }
+            if let Some(mask) = umask {
+                libc::umask(mask as libc::mode_t);
+            }
+            if let Some(v) = &oom {
+                let fd = libc::open(oom_path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd >= 0 {
+                    libc::write(fd, v.as_ptr().cast(), v.len());
+                    libc::close(fd);
+                }
+            }
+            for (res, lim) in &limits {
+                check(libc::setrlimit(*res, lim))?;
+            }
+            check(libc::setgroups(groups.len(), groups.as_ptr()))?;
+            check(libc::setgid(gid))?;
+            check(libc::setuid(uid))?;
+            if no_new_privs {
+                check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+            }
+            Ok(())
+        });
+    }
+
+    let child = cmd.spawn().map_err(|e| {
+        let status = match e.raw_os_error() {
+            Some(libc::ENOENT) => 127,
+            Some(libc::EACCES | libc::ENOEXEC | libc::EISDIR | libc::EPERM) => 126,
+            _ => 1,
+        };
+        fail(status, format!("starting {}: {e}", spec.args[0]))
+    })?;
+    out.pid = child.id() as i32;
+    // The reaper collects the exit status; the Child handle is not waited on.
+    drop(child);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(args: &[&str]) -> ProcessSpec {
+        ProcessSpec {
+            args: args.iter().map(|s| s.to_string()).collect(),
+            env: vec!["PATH=/usr/bin:/bin".into()],
+            cwd: "/".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn missing_and_unexecutable_programs_map_to_127_and_126() {
+        assert_eq!(
+            validate(&spec(&["no-such-program-xyz"]))
+                .unwrap_err()
+                .status,
+            127
+        );
+        assert_eq!(validate(&spec(&["/no/such/file"])).unwrap_err().status, 127);
+        assert_eq!(validate(&spec(&["/etc/passwd"])).unwrap_err().status, 126);
+        assert_eq!(validate(&spec(&["/tmp"])).unwrap_err().status, 126);
+        assert_eq!(validate(&spec(&["sh"])).unwrap(), "/usr/bin/sh");
+        let mut s = spec(&["sh"]);
+        s.cwd = "/no/such/dir".into();
+        assert_eq!(validate(&s).unwrap_err().status, 1);
+        assert_eq!(validate(&spec(&[])).unwrap_err().status, 1);
+    }
+
+    #[test]
+    fn rlimit_names() {
+        assert_eq!(rlimit_resource("RLIMIT_NOFILE"), Some(libc::RLIMIT_NOFILE));
+        assert_eq!(rlimit_resource("RLIMIT_BOGUS"), None);
+    }
+}

@@ -1,0 +1,8 @@
+//! The runvm runtime as a library: asset lookup, logging, the agent client and the
+//! VM-with-agent sandbox. The `runvm` binary (main.rs) is the command line on top.
+
+pub mod agent_client;
+pub mod assets;
+pub mod logging;
+pub mod sandbox;
+pub mod util;

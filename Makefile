@@ -37,7 +37,7 @@ agent: deps
 
 # Static test programs that run in guests (a test /init, an AVX state checker).
 test-bins: deps
-	$(STATIC) $(CARGO) build --profile agent --target $(TARGET) -p runvm-tests --bin boot-check-init --bin avx-check
+	$(STATIC) $(CARGO) build --profile agent --target $(TARGET) -p runvm-tests --bin boot-check-init --bin avx-check --bin pattern
 
 kernel: deps
 	@mkdir -p $(BUILD)

@@ -61,19 +61,44 @@ pub struct Processes {
     changed: Condvar,
 }
 
+/// How long an output copy waits for more bytes before sending what it has. Every write
+/// to the host is a vsock packet whose cost in the guest kernel dwarfs the bytes it
+/// carries, and pipes hand over a page at a time: gathering turns a stream of 4 KiB
+/// reads into 64 KiB packets for a delay too short to notice interactively.
+const GATHER_WAIT_MS: i32 = 2;
+
+fn readable_within(f: &File, ms: i32) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: f.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
+}
+
 fn copy_out(mut from: File, mut to: UnixStream) {
     let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match from.read(&mut buf) {
+    let mut eof = false;
+    while !eof {
+        let mut len = match from.read(&mut buf) {
             Ok(0) => break,
-            Ok(n) => {
-                if to.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             // EIO: a terminal whose last slave closed.
             Err(_) => break,
+        };
+        while len < buf.len() && readable_within(&from, GATHER_WAIT_MS) {
+            match from.read(&mut buf[len..]) {
+                Ok(0) | Err(_) => {
+                    eof = true;
+                    break;
+                }
+                Ok(n) => len += n,
+            }
+        }
+        if to.write_all(&buf[..len]).is_err() {
+            break;
         }
     }
     let _ = to.shutdown(std::net::Shutdown::Write);

@@ -349,3 +349,41 @@ impl std::io::Write for Capture {
         Ok(())
     }
 }
+
+/// Byte at position `i` of the test stream pattern (`tests/src/bin/pattern.rs`): depends on
+/// the position, so loss, duplication and reordering all show.
+pub fn pattern_byte(i: u64) -> u8 {
+    (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8 ^ (i >> 16) as u8
+}
+
+/// A `Write` that checks everything written against the test pattern as it arrives,
+/// without keeping it.
+#[derive(Clone, Debug, Default)]
+pub struct PatternCheck(pub std::sync::Arc<std::sync::Mutex<(u64, Option<u64>)>>);
+
+impl PatternCheck {
+    /// Bytes seen, and the position of the first wrong byte if any.
+    pub fn result(&self) -> (u64, Option<u64>) {
+        *self.0.lock().unwrap()
+    }
+}
+
+impl std::io::Write for PatternCheck {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let mut s = self.0.lock().unwrap();
+        if s.1.is_none() {
+            if let Some(k) = b
+                .iter()
+                .enumerate()
+                .position(|(k, x)| *x != pattern_byte(s.0 + k as u64))
+            {
+                s.1 = Some(s.0 + k as u64);
+            }
+        }
+        s.0 += b.len() as u64;
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}

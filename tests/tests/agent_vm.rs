@@ -14,7 +14,7 @@ use runtime_cli::agent_client::{start_process, ClientError, HostStdio};
 use runtime_cli::sandbox::Sandbox;
 use runvm_tests::{
     agent_bin, agent_initramfs, busybox, kernel, runvm_bin, skip_unless, static_test_bin,
-    vm_test_unavailable, Capture, TempDir,
+    vm_test_unavailable, Capture, PatternCheck, TempDir,
 };
 use vmm::{HostProfile, VmConfig};
 
@@ -25,11 +25,13 @@ fn unavailable() -> Option<String> {
         .or_else(|| agent_bin().err())
         .or_else(|| busybox().err())
         .or_else(|| static_test_bin("avx-check").err())
+        .or_else(|| static_test_bin("pattern").err())
 }
 
 fn write_initrd(dir: &TempDir) -> std::path::PathBuf {
     let avx = static_test_bin("avx-check").unwrap();
-    let bytes = agent_initramfs(&[("bin/avx-check", &avx)]).unwrap();
+    let pattern = static_test_bin("pattern").unwrap();
+    let bytes = agent_initramfs(&[("bin/avx-check", &avx), ("bin/pattern", &pattern)]).unwrap();
     let p = dir.path().join("initrd.cpio");
     std::fs::write(&p, bytes).unwrap();
     p
@@ -113,19 +115,27 @@ fn one_vm_signals_streams_failures_and_register_state() {
         .unwrap();
     assert_eq!(p.finish(&mut control).unwrap(), 143);
 
-    // 32 MiB of stdout, checked line by line.
-    let (p, out) = capture(
-        "stream",
-        &["sh", "-c", "yes 0123456789abcdef | head -c 33554432"],
+    // 32 MiB of stdout, checked byte by byte as it arrives.
+    let check = PatternCheck::default();
+    let stdio = HostStdio {
+        stdin: None,
+        stdout: Some(Box::new(check.clone())),
+        stderr: Some(Box::new(Capture::default())),
+    };
+    let p = start_process(
+        &client,
         &mut control,
-    );
+        "stream",
+        spec(&["pattern", "33554432"]),
+        stdio,
+        false,
+    )
+    .unwrap();
     assert_eq!(p.finish(&mut control).unwrap(), 0);
-    let bytes = out.bytes();
-    assert_eq!(bytes.len(), 32 << 20);
-    let line = b"0123456789abcdef\n";
-    assert!(
-        bytes.chunks(line.len()).all(|c| line.starts_with(c)),
-        "the stream was corrupted"
+    assert_eq!(
+        check.result(),
+        (32 << 20, None),
+        "(bytes, first wrong byte) of the stream"
     );
 
     // A missing program: 127, and the agent still serves.

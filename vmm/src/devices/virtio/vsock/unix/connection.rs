@@ -21,9 +21,7 @@ use vmm_sys_util::epoll::EventSet;
 use super::super::{op, Packet, VsockError, HOST_CID, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
 
 /// Receive buffer runvm advertises for each connection (guest -> host direction).
-pub const TX_BUF_SIZE: u32 = 256 * 1024;
-/// Freed space worth telling the guest about without being asked.
-const CREDIT_UPDATE_THRESHOLD: u32 = TX_BUF_SIZE / 4;
+pub const TX_BUF_SIZE: u32 = 1024 * 1024;
 
 /// How the connection came about and where it stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,6 +52,8 @@ pub struct Connection {
     tx_buf: VecDeque<u8>,
     fwd_cnt: Wrapping<u32>,
     last_fwd_cnt_sent: Wrapping<u32>,
+    /// Bytes received from the guest.
+    guest_tx_cnt: Wrapping<u32>,
     rx_cnt: Wrapping<u32>,
     peer_buf_alloc: u32,
     peer_fwd_cnt: Wrapping<u32>,
@@ -88,6 +88,7 @@ impl Connection {
             tx_buf: VecDeque::new(),
             fwd_cnt: Wrapping(0),
             last_fwd_cnt_sent: Wrapping(0),
+            guest_tx_cnt: Wrapping(0),
             rx_cnt: Wrapping(0),
             peer_buf_alloc: 0,
             peer_fwd_cnt: Wrapping(0),
@@ -356,6 +357,7 @@ impl Connection {
             self.state = ConnState::Resetting;
             return;
         };
+        self.guest_tx_cnt += Wrapping(len as u32);
         let mut written = 0;
         if self.preamble.is_empty() && self.tx_buf.is_empty() {
             match self.stream.write_volatile(&data) {
@@ -382,9 +384,16 @@ impl Connection {
         }
     }
 
+    /// Counts `n` bytes handed to the host socket, and decides whether the guest should
+    /// hear about it now. Every update costs the guest an interrupt, so one is sent only
+    /// when the space the guest believes it has falls below half of its send window.
+    /// That window is our buffer, capped by recent Linux guests at their own buf_alloc
+    /// (which they advertise in every header).
     fn forwarded(&mut self, n: usize) {
         self.fwd_cnt += Wrapping(n as u32);
-        if (self.fwd_cnt - self.last_fwd_cnt_sent).0 >= CREDIT_UPDATE_THRESHOLD {
+        let window = TX_BUF_SIZE.min(self.peer_buf_alloc.max(1));
+        let guest_view_free = window.saturating_sub((self.guest_tx_cnt - self.last_fwd_cnt_sent).0);
+        if n > 0 && guest_view_free < window / 2 {
             self.credit_update_pending = true;
         }
     }

@@ -414,7 +414,8 @@ fn a_guest_overrunning_its_credit_loses_the_connection() {
     let (s, local) = host_connect(&mut d, &dir.sock(), 3002);
     let chunk = vec![0u8; 60 * 1024];
     // Ignore credit entirely; the host reads nothing.
-    for _ in 0..16 {
+    // Twice the buffer: more than the buffer and the host socket can hold together.
+    for _ in 0..(2 * TX_BUF_SIZE as usize / chunk.len()) {
         d.send(&rw(3002, local, &chunk, 0));
     }
     let p = d.pump_until(|p| p.iter().any(|p| p.op == op::RST));

@@ -90,6 +90,77 @@ fn root_dir() -> String {
     "/".to_string()
 }
 
+/// Where the container's share (rootfs and bind-mount sources) comes from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Share {
+    /// A virtio-fs device with this tag (an agent in a VM).
+    Virtiofs { tag: String },
+    /// A directory the agent can open directly (an agent on the host).
+    Directory { path: String },
+}
+
+/// One mount of the container, in OCI terms. For bind mounts of host paths, `source` is a
+/// path inside the share (`share_source`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mount {
+    pub destination: String,
+    #[serde(rename = "type", default)]
+    pub kind: String,
+    #[serde(default)]
+    pub source: String,
+    #[serde(default)]
+    pub options: Vec<String>,
+    /// `source` is relative to the share, not a guest path.
+    #[serde(default)]
+    pub share_source: bool,
+}
+
+/// A device node to create in the container (OCI `linux.devices`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Device {
+    pub path: String,
+    /// `c`, `b`, `u` or `p`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub major: i64,
+    #[serde(default)]
+    pub minor: i64,
+    #[serde(default)]
+    pub file_mode: Option<u32>,
+    #[serde(default)]
+    pub uid: Option<u32>,
+    #[serde(default)]
+    pub gid: Option<u32>,
+}
+
+/// The container's file system and isolation: what the agent sets up before its init
+/// process runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerSpec {
+    pub share: Share,
+    /// The rootfs, relative to the share.
+    pub rootfs: String,
+    #[serde(default)]
+    pub readonly: bool,
+    #[serde(default)]
+    pub hostname: Option<String>,
+    #[serde(default)]
+    pub mounts: Vec<Mount>,
+    #[serde(default)]
+    pub masked_paths: Vec<String>,
+    #[serde(default)]
+    pub readonly_paths: Vec<String>,
+    #[serde(default)]
+    pub devices: Vec<Device>,
+    /// chroot instead of pivot_root (`runc --no-pivot`).
+    #[serde(default)]
+    pub no_pivot: bool,
+}
+
 /// Which stdio streams the host attaches to a process that has no terminal. A stream the
 /// host does not attach is connected to /dev/null.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,7 +176,9 @@ pub struct Stdio {
 pub enum Request {
     /// Registers process `id`; it starts on [`Request::Start`], once its streams are
     /// attached. `init` marks the container's main process: when it exits, the agent
-    /// ends the VM after reporting its status.
+    /// ends the VM after reporting its status. With `container`, the init process gets
+    /// that file system and its own namespaces, prepared now and blocked before exec;
+    /// every later process joins them.
     Create {
         id: String,
         process: ProcessSpec,
@@ -113,6 +186,8 @@ pub enum Request {
         stdio: Stdio,
         #[serde(default)]
         init: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        container: Option<ContainerSpec>,
     },
     /// Starts process `id`. Answered with [`Response::Started`].
     Start { id: String },

@@ -64,6 +64,22 @@ fn mount_basics() -> Result<(), String> {
     Ok(())
 }
 
+/// The initramfs root cannot be pivoted away from: it has no parent mount. Moving a bind
+/// mount of it over `/` and chrooting into that gives the root a parent, so containers can
+/// `pivot_root` out of it.
+fn reroot() -> Result<(), String> {
+    let dir = "/.runvm-root";
+    std::fs::create_dir_all(dir).map_err(|e| format!("creating {dir}: {e}"))?;
+    mount(Some("/"), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        .map_err(|e| format!("binding /: {e}"))?;
+    nix::unistd::chdir(dir).map_err(|e| format!("chdir {dir}: {e}"))?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(|e| format!("moving the root: {e}"))?;
+    nix::unistd::chroot(".").map_err(|e| format!("chroot: {e}"))?;
+    nix::unistd::chdir("/").map_err(|e| format!("chdir /: {e}"))?;
+    Ok(())
+}
+
 /// Tells the host the agent listens: one hello on the host's ready port.
 fn notify_ready() -> Result<(), String> {
     let mut s = connect_host(READY_PORT)
@@ -82,6 +98,7 @@ fn notify_ready() -> Result<(), String> {
 pub fn run_as_init() -> Result<(), String> {
     reaper::block_sigchld().map_err(|e| format!("blocking SIGCHLD: {e}"))?;
     crate::spawn::set_profile_env();
+    reroot()?;
     mount_basics()?;
     let procs = Arc::new(Processes::new());
     let p = procs.clone();

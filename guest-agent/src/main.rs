@@ -7,6 +7,7 @@
 //! over a Unix socket, for fast tests of everything but the PID-1 duties.
 
 mod conn;
+mod container;
 mod init;
 mod process;
 mod reaper;
@@ -32,6 +33,7 @@ fn parse_args() -> Result<Mode, String> {
             .strip_prefix("unix:")
             .map(|p| Mode::Host(PathBuf::from(p)))
             .ok_or_else(|| format!("--listen takes unix:PATH, not {spec:?}")),
+        [flag] if flag == "container-init" => container::setup::run(),
         [flag] if flag == "--version" => {
             println!("runvm-agent {}", env!("CARGO_PKG_VERSION"));
             std::process::exit(0);

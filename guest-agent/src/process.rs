@@ -10,8 +10,9 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use agent_protocol::{ProcessSpec, Stdio, StreamKind};
+use agent_protocol::{ContainerSpec, ProcessSpec, Stdio, StreamKind};
 
+use crate::container::{self, Helper, HelperSetup, HelperStdio};
 use crate::spawn::{self, SpawnError};
 
 /// How long `Start` waits for the host's stdio connections to arrive.
@@ -32,6 +33,17 @@ struct Proc {
     /// Streams carrying input, shut down for reading when the process exits.
     input_streams: Vec<UnixStream>,
     pty: Option<File>,
+    /// A container process prepared at create: its helper and stdio ends.
+    prepared: Option<Prepared>,
+}
+
+/// A container process between create and start.
+#[derive(Debug)]
+struct Prepared {
+    helper: Helper,
+    stdin: Option<File>,
+    stdout: Option<File>,
+    stderr: Option<File>,
 }
 
 /// Errors answered to the host.
@@ -59,6 +71,8 @@ impl From<String> for StartError {
 pub struct Processes {
     table: Mutex<HashMap<String, Proc>>,
     changed: Condvar,
+    /// Where the container's share is visible, once its init was created.
+    share_root: Mutex<Option<String>>,
 }
 
 /// How long an output copy waits for more bytes before sending what it has. Every write
@@ -132,28 +146,62 @@ impl Processes {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Registers process `id`. Nothing runs yet; the executable is checked now.
+    /// Registers process `id`. A plain process is only checked now (its executable) and
+    /// started by `start`; a container process is prepared now by a helper, blocked before
+    /// exec.
     pub fn create(
         &self,
         id: &str,
         spec: ProcessSpec,
         stdio: Stdio,
         init: bool,
+        container_spec: Option<ContainerSpec>,
     ) -> Result<(), StartError> {
         if id.is_empty() || id.len() > 256 {
             return Err(format!("invalid process id {id:?}").into());
         }
-        spawn::validate(&spec).map_err(|e| StartError::Exec {
-            status: e.status,
-            message: e.message,
-        })?;
+        if spec.args.is_empty() {
+            return Err(StartError::Exec {
+                status: 1,
+                message: "process has no arguments".into(),
+            });
+        }
+        {
+            let t = self.lock();
+            if t.contains_key(id) {
+                return Err(format!("process {id} already exists").into());
+            }
+            if init && t.values().any(|p| p.init) {
+                return Err(StartError::Other("an init process already exists".into()));
+            }
+            if container_spec.is_some() && !init {
+                return Err(StartError::Other(
+                    "only the init process creates the container".into(),
+                ));
+            }
+        }
+        let join = if container_spec.is_some() {
+            None
+        } else {
+            self.container_init()
+        };
+        let prepared = if container_spec.is_some() || join.is_some() {
+            Some(self.prepare(&spec, stdio, container_spec, join)?)
+        } else {
+            spawn::validate(&spec).map_err(|e| StartError::Exec {
+                status: e.status,
+                message: e.message,
+            })?;
+            None
+        };
         let mut t = self.lock();
-        if t.contains_key(id) {
-            return Err(format!("process {id} already exists").into());
+        if let Some(p) = &prepared {
+            // The helper is (or becomes) the process: it is reaped under this pid.
+            if t.values().any(|q| q.pid == Some(p.helper.pid)) {
+                return Err(StartError::Other("pid reuse".into()));
+            }
         }
-        if init && t.values().any(|p| p.init) {
-            return Err(StartError::Other("an init process already exists".into()));
-        }
+        let pid = prepared.as_ref().map(|p| p.helper.pid);
         t.insert(
             id.to_string(),
             Proc {
@@ -162,15 +210,87 @@ impl Processes {
                 init,
                 streams: HashMap::new(),
                 started: false,
-                pid: None,
+                pid,
                 status: None,
                 outputs: 0,
                 stdin: None,
                 input_streams: Vec::new(),
                 pty: None,
+                prepared,
             },
         );
         Ok(())
+    }
+
+    /// The pid of the container's init process, if a container exists and still runs.
+    fn container_init(&self) -> Option<i32> {
+        self.share_root
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()?;
+        let t = self.lock();
+        t.values()
+            .find(|p| p.init && p.status.is_none())
+            .and_then(|p| p.pid)
+    }
+
+    fn prepare(
+        &self,
+        spec: &ProcessSpec,
+        stdio: Stdio,
+        container_spec: Option<ContainerSpec>,
+        join: Option<i32>,
+    ) -> Result<Prepared, StartError> {
+        let exec_err = |e: SpawnError| StartError::Exec {
+            status: e.status,
+            message: e.message,
+        };
+        let share_root = match &container_spec {
+            Some(c) => {
+                let root = container::mount_share(&c.share).map_err(StartError::Other)?;
+                *self.share_root.lock().unwrap_or_else(|e| e.into_inner()) = Some(root.clone());
+                root
+            }
+            None => self
+                .share_root
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .unwrap_or_default(),
+        };
+        let mut helper_stdio = HelperStdio::default();
+        let (mut stdin, mut stdout, mut stderr) = (None, None, None);
+        if !spec.terminal {
+            if stdio.stdin {
+                let (r, w) = spawn::pipe().map_err(exec_err)?;
+                helper_stdio.stdin = Some(r);
+                stdin = Some(File::from(w));
+            }
+            if stdio.stdout {
+                let (r, w) = spawn::pipe().map_err(exec_err)?;
+                helper_stdio.stdout = Some(w);
+                stdout = Some(File::from(r));
+            }
+            if stdio.stderr {
+                let (r, w) = spawn::pipe().map_err(exec_err)?;
+                helper_stdio.stderr = Some(w);
+                stderr = Some(File::from(r));
+            }
+        }
+        let setup = HelperSetup {
+            container: container_spec,
+            join,
+            process: spec.clone(),
+            share_root,
+            profile_env: spawn::profile_env(),
+        };
+        let helper = container::prepare(setup, helper_stdio).map_err(exec_err)?;
+        Ok(Prepared {
+            helper,
+            stdin,
+            stdout,
+            stderr,
+        })
     }
 
     /// Attaches a host stdio stream to process `id` before it starts.
@@ -238,13 +358,28 @@ impl Processes {
         p.started = true;
         // The reaper needs this lock to record an exit, so the pid is in the table before
         // the child can be reaped.
-        let spawned = match spawn::spawn(&p.spec, p.stdio) {
-            Ok(s) => s,
-            Err(SpawnError { status, message }) => {
-                p.status = Some(status);
-                self.changed.notify_all();
-                return Err(StartError::Exec { status, message });
+        let mut helper = None;
+        let spawned = match p.prepared.take() {
+            Some(prep) => {
+                let pid = prep.helper.pid;
+                let pty = prep.helper.pty.as_ref().and_then(|f| f.try_clone().ok());
+                helper = Some(prep.helper);
+                spawn::Spawned {
+                    pid,
+                    stdin: prep.stdin,
+                    stdout: prep.stdout,
+                    stderr: prep.stderr,
+                    pty,
+                }
             }
+            None => match spawn::spawn(&p.spec, p.stdio) {
+                Ok(s) => s,
+                Err(SpawnError { status, message }) => {
+                    p.status = Some(status);
+                    self.changed.notify_all();
+                    return Err(StartError::Exec { status, message });
+                }
+            },
         };
         p.pid = Some(spawned.pid);
         let mut outputs = Vec::new();
@@ -291,6 +426,13 @@ impl Processes {
                 copy_out(from, to);
                 procs.output_done(&id);
             });
+        }
+        if let Some(h) = helper {
+            // The helper execs now; if it cannot, it exits with the status reported here.
+            h.start().map_err(|e| StartError::Exec {
+                status: e.status,
+                message: e.message,
+            })?;
         }
         Ok(spawned.pid)
     }

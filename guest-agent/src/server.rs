@@ -187,7 +187,8 @@ fn dispatch(request: Request, procs: &Arc<Processes>) -> Response {
             process,
             stdio,
             init,
-        } => match procs.create(&id, process, stdio, init) {
+            container,
+        } => match procs.create(&id, process, stdio, init, container) {
             Ok(()) => Response::Ok,
             Err(e) => start_error(e),
         },

@@ -44,7 +44,7 @@ pub struct SpawnError {
     pub message: String,
 }
 
-fn fail(status: i32, message: String) -> SpawnError {
+pub fn fail(status: i32, message: String) -> SpawnError {
     SpawnError { status, message }
 }
 
@@ -72,7 +72,7 @@ fn rlimit_resource(name: &str) -> Option<libc::__rlimit_resource_t> {
 
 /// Looks `name` up in `path_var` the way execvp does, so errors can say "not found"
 /// (127) apart from "not executable" (126).
-fn resolve(name: &str, path_var: Option<&str>, cwd: &str) -> Result<String, SpawnError> {
+pub fn resolve(name: &str, path_var: Option<&str>, cwd: &str) -> Result<String, SpawnError> {
     use std::os::unix::fs::PermissionsExt;
     let check = |p: &std::path::Path| -> Result<(), SpawnError> {
         let meta = std::fs::metadata(p)
@@ -120,7 +120,106 @@ pub fn validate(spec: &ProcessSpec) -> Result<String, SpawnError> {
     resolve(name, path_var, &spec.cwd)
 }
 
-fn pipe() -> Result<(OwnedFd, OwnedFd), SpawnError> {
+/// The process attributes applied between fork (or namespace setup) and exec, prepared so
+/// that applying them only makes system calls: safe in a child of a threaded process.
+#[derive(Debug)]
+pub struct ExecSettings {
+    umask: Option<libc::mode_t>,
+    groups: Vec<libc::gid_t>,
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+    no_new_privs: bool,
+    limits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
+    oom: Option<Vec<u8>>,
+    oom_path: CString,
+}
+
+impl ExecSettings {
+    /// Prepares the attributes of `spec`.
+    pub fn from_spec(spec: &ProcessSpec) -> Result<Self, SpawnError> {
+        let mut limits = Vec::new();
+        for r in &spec.rlimits {
+            let res = rlimit_resource(&r.kind)
+                .ok_or_else(|| fail(1, format!("unknown rlimit {}", r.kind)))?;
+            limits.push((
+                res,
+                libc::rlimit {
+                    rlim_cur: r.soft,
+                    rlim_max: r.hard,
+                },
+            ));
+        }
+        Ok(ExecSettings {
+            umask: spec.user.umask.map(|m| m as libc::mode_t),
+            groups: spec.user.additional_gids.clone(),
+            uid: spec.user.uid,
+            gid: spec.user.gid,
+            no_new_privs: spec.no_new_privileges,
+            limits,
+            oom: spec.oom_score_adj.map(|v| v.to_string().into_bytes()),
+            oom_path: CString::new("/proc/self/oom_score_adj").expect("static path"),
+        })
+    }
+
+    /// Applies them to the calling process: umask, OOM score, rlimits, groups, gid, uid,
+    /// no_new_privileges. Makes system calls only.
+    pub fn apply(&self) -> std::io::Result<()> {
+        let check = |r: libc::c_int| {
+            if r < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        };
+        // SAFETY: plain system calls on prepared, valid arguments.
+        unsafe {
+            if let Some(mask) = self.umask {
+                libc::umask(mask);
+            }
+            if let Some(v) = &self.oom {
+                let fd = libc::open(self.oom_path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd >= 0 {
+                    libc::write(fd, v.as_ptr().cast(), v.len());
+                    libc::close(fd);
+                }
+            }
+            for (res, lim) in &self.limits {
+                check(libc::setrlimit(*res, lim))?;
+            }
+            check(libc::setgroups(self.groups.len(), self.groups.as_ptr()))?;
+            check(libc::setgid(self.gid))?;
+            check(libc::setuid(self.uid))?;
+            if self.no_new_privs {
+                check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The environment a process gets: the host profile's variables, then the spec's.
+pub fn environment(spec: &ProcessSpec) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = PROFILE_ENV.get().cloned().unwrap_or_default();
+    for kv in &spec.env {
+        if let Some((k, v)) = kv.split_once('=') {
+            env.retain(|(ek, _)| ek != k);
+            env.push((k.to_string(), v.to_string()));
+        }
+    }
+    env
+}
+
+/// The profile's variables (for helpers that run in another process).
+pub fn profile_env() -> Vec<(String, String)> {
+    PROFILE_ENV.get().cloned().unwrap_or_default()
+}
+
+/// Sets the profile's variables in a helper process that received them from the agent.
+pub fn set_profile_env_to(vars: Vec<(String, String)>) {
+    let _ = PROFILE_ENV.set(vars);
+}
+
+pub(crate) fn pipe() -> Result<(OwnedFd, OwnedFd), SpawnError> {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| fail(1, format!("pipe: {e}")))
 }
 
@@ -132,14 +231,7 @@ pub fn spawn(spec: &ProcessSpec, stdio: Stdio) -> Result<Spawned, SpawnError> {
         .args(&spec.args[1..])
         .env_clear()
         .current_dir(&spec.cwd);
-    for (k, v) in PROFILE_ENV.get().into_iter().flatten() {
-        cmd.env(k, v);
-    }
-    for kv in &spec.env {
-        if let Some((k, v)) = kv.split_once('=') {
-            cmd.env(k, v);
-        }
-    }
+    cmd.envs(environment(spec));
 
     let mut out = Spawned {
         pid: 0,
@@ -191,62 +283,19 @@ pub fn spawn(spec: &ProcessSpec, stdio: Stdio) -> Result<Spawned, SpawnError> {
         }
     }
 
-    // Everything the child needs, computed before fork.
+    let settings = ExecSettings::from_spec(spec)?;
     let terminal = spec.terminal;
-    let umask = spec.user.umask;
-    let groups: Vec<libc::gid_t> = spec.user.additional_gids.clone();
-    let (uid, gid) = (spec.user.uid, spec.user.gid);
-    let no_new_privs = spec.no_new_privileges;
-    let mut limits = Vec::new();
-    for r in &spec.rlimits {
-        let res = rlimit_resource(&r.kind)
-            .ok_or_else(|| fail(1, format!("unknown rlimit {}", r.kind)))?;
-        limits.push((
-            res,
-            libc::rlimit {
-                rlim_cur: r.soft,
-                rlim_max: r.hard,
-            },
-        ));
-    }
-    let oom = spec.oom_score_adj.map(|v| v.to_string().into_bytes());
-    let oom_path = CString::new("/proc/self/oom_score_adj").expect("static path");
-
     // SAFETY: the closure runs in the child between fork and exec and only makes system
     // calls on data prepared above; it allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
-            let check = |r: libc::c_int| {
-                if r < 0 {
-                    Err(std::io::Error::last_os_error())
-                } else {
-                    Ok(())
-                }
-            };
-            check(libc::setsid())?;
-            if terminal {
-                check(libc::ioctl(0, libc::TIOCSCTTY, 0))?;
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
             }
-            if let Some(mask) = umask {
-                libc::umask(mask as libc::mode_t);
+            if terminal && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
             }
-            if let Some(v) = &oom {
-                let fd = libc::open(oom_path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd >= 0 {
-                    libc::write(fd, v.as_ptr().cast(), v.len());
-                    libc::close(fd);
-                }
-            }
-            for (res, lim) in &limits {
-                check(libc::setrlimit(*res, lim))?;
-            }
-            check(libc::setgroups(groups.len(), groups.as_ptr()))?;
-            check(libc::setgid(gid))?;
-            check(libc::setuid(uid))?;
-            if no_new_privs {
-                check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
-            }
-            Ok(())
+            settings.apply()
         });
     }
 

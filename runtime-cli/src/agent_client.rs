@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use agent_protocol::{
-    read_frame, write_frame, FrameError, Hello, ProcessSpec, Request, Response, Stdio, StreamKind,
-    PROTOCOL_VERSION,
+    read_frame, write_frame, ContainerSpec, FrameError, Hello, ProcessSpec, Request, Response,
+    Stdio, StreamKind, PROTOCOL_VERSION,
 };
 
 /// Errors talking to the agent.
@@ -174,18 +174,22 @@ impl Control {
         }
     }
 
+    /// Registers process `id`. With `container`, it is the container's init and the agent
+    /// prepares the container's root and namespaces now.
     pub fn create(
         &mut self,
         id: &str,
         process: ProcessSpec,
         stdio: Stdio,
         init: bool,
+        container: Option<ContainerSpec>,
     ) -> Result<(), ClientError> {
         self.expect_ok(&Request::Create {
             id: id.into(),
             process,
             stdio,
             init,
+            container,
         })
     }
 
@@ -283,6 +287,30 @@ pub struct RunningProcess {
     outputs: Vec<JoinHandle<io::Result<u64>>>,
 }
 
+/// What a process is to the agent.
+#[derive(Debug, Default, Clone)]
+pub struct Launch {
+    /// The VM's main process (the VM ends after it).
+    pub init: bool,
+    /// The container it creates (init only).
+    pub container: Option<ContainerSpec>,
+}
+
+impl Launch {
+    /// An extra process.
+    pub fn extra() -> Self {
+        Launch::default()
+    }
+
+    /// The VM's main process, without a container.
+    pub fn init() -> Self {
+        Launch {
+            init: true,
+            container: None,
+        }
+    }
+}
+
 /// Creates and starts process `id` with `host` as its stdio (pipes, no terminal).
 pub fn start_process(
     client: &AgentClient,
@@ -290,14 +318,14 @@ pub fn start_process(
     id: &str,
     spec: ProcessSpec,
     host: HostStdio,
-    init: bool,
+    launch: Launch,
 ) -> Result<RunningProcess, ClientError> {
     let stdio = Stdio {
         stdin: host.stdin.is_some(),
         stdout: host.stdout.is_some(),
         stderr: host.stderr.is_some(),
     };
-    control.create(id, spec, stdio, init)?;
+    control.create(id, spec, stdio, launch.init, launch.container)?;
     let mut outputs = Vec::new();
     if let Some(input) = host.stdin {
         let s = client.attach(id, StreamKind::Stdin)?;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use agent_protocol::{ProcessSpec, User};
 use anyhow::{bail, Context};
-use runtime_cli::agent_client::{start_process, ClientError, HostStdio};
+use runtime_cli::agent_client::{start_process, ClientError, HostStdio, Launch};
 use runtime_cli::assets;
 use runtime_cli::sandbox::Sandbox;
 use vmm::{ConsoleOutput, VmConfig};
@@ -76,7 +76,7 @@ fn run_in(config: VmConfig, dir: &std::path::Path, args: &VmRunArgs) -> anyhow::
         stdout: Some(Box::new(dup_std(std::io::stdout())?) as Box<dyn Write + Send>),
         stderr: Some(Box::new(dup_std(std::io::stderr())?) as Box<dyn Write + Send>),
     };
-    let outcome = start_process(&client, &mut control, "main", spec, stdio, true)
+    let outcome = start_process(&client, &mut control, "main", spec, stdio, Launch::init())
         .and_then(|p| p.finish(&mut control));
     drop(control);
     if outcome.is_err() {

@@ -42,6 +42,7 @@ fn through_agent(client: &AgentClient, id: &str, args: &[&str]) -> (Duration, us
                 stderr: false,
             },
             false,
+            None,
         )
         .unwrap();
     let mut out = client.attach(id, StreamKind::Stdout).unwrap();

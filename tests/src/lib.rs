@@ -387,3 +387,121 @@ impl std::io::Write for PatternCheck {
         Ok(())
     }
 }
+
+/// Fills `root` with a minimal busybox system: Debian's static busybox with its applets,
+/// `/etc/passwd` and `/etc/group` with root and `user` (1000), and the usual empty
+/// directories. Returns `root`.
+pub fn busybox_rootfs(root: &Path) -> Result<&Path, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let bb = busybox()?;
+    let io = |e: std::io::Error| e.to_string();
+    for d in [
+        "bin",
+        "sbin",
+        "usr/bin",
+        "usr/sbin",
+        "etc",
+        "tmp",
+        "proc",
+        "sys",
+        "dev",
+        "root",
+        "home/user",
+        "var/tmp",
+        "run",
+    ] {
+        std::fs::create_dir_all(root.join(d)).map_err(io)?;
+    }
+    std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o1777))
+        .map_err(io)?;
+    std::fs::copy(&bb, root.join("bin/busybox")).map_err(io)?;
+    let list = std::process::Command::new(&bb)
+        .arg("--list-full")
+        .output()
+        .map_err(|e| format!("busybox --list-full: {e}"))?;
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        let applet = applet.trim();
+        if applet.is_empty() || applet == "bin/busybox" {
+            continue;
+        }
+        let link = root.join(applet);
+        if !link.exists() {
+            std::os::unix::fs::symlink("/bin/busybox", &link).map_err(io)?;
+        }
+    }
+    std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000:user:/home/user:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
+    )
+    .map_err(io)?;
+    std::fs::write(
+        root.join("etc/group"),
+        "root:x:0:\nusers:x:100:\nuser:x:1000:\nnogroup:x:65534:\n",
+    )
+    .map_err(io)?;
+    Ok(root)
+}
+
+/// The mounts, masked and read-only paths `runvm spec` puts in a default config, as the
+/// agent receives them.
+pub fn default_container_spec(share: agent_protocol::Share) -> agent_protocol::ContainerSpec {
+    let m = |dest: &str, kind: &str, opts: &[&str]| agent_protocol::Mount {
+        destination: dest.into(),
+        kind: kind.into(),
+        source: kind.into(),
+        options: opts.iter().map(|s| s.to_string()).collect(),
+        share_source: false,
+    };
+    agent_protocol::ContainerSpec {
+        share,
+        rootfs: "rootfs".into(),
+        readonly: false,
+        hostname: Some("runvm".into()),
+        mounts: vec![
+            m("/proc", "proc", &["nosuid", "noexec", "nodev"]),
+            m(
+                "/dev",
+                "tmpfs",
+                &["nosuid", "strictatime", "mode=755", "size=65536k"],
+            ),
+            m(
+                "/dev/pts",
+                "devpts",
+                &[
+                    "nosuid",
+                    "noexec",
+                    "newinstance",
+                    "ptmxmode=0666",
+                    "mode=0620",
+                    "gid=5",
+                ],
+            ),
+            m(
+                "/dev/shm",
+                "tmpfs",
+                &["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+            ),
+            m("/dev/mqueue", "mqueue", &["nosuid", "noexec", "nodev"]),
+            m("/sys", "sysfs", &["nosuid", "noexec", "nodev", "ro"]),
+        ],
+        masked_paths: [
+            "/proc/kcore",
+            "/proc/keys",
+            "/proc/timer_list",
+            "/sys/firmware",
+        ]
+        .map(String::from)
+        .to_vec(),
+        readonly_paths: [
+            "/proc/bus",
+            "/proc/fs",
+            "/proc/irq",
+            "/proc/sys",
+            "/proc/sysrq-trigger",
+        ]
+        .map(String::from)
+        .to_vec(),
+        devices: Vec::new(),
+        no_pivot: false,
+    }
+}

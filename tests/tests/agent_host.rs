@@ -9,7 +9,7 @@ use std::time::Duration;
 use agent_protocol::{
     read_frame, write_frame, ConsoleSize, ProcessSpec, Response, StreamKind, User,
 };
-use runtime_cli::agent_client::{start_process, ClientError, HostStdio};
+use runtime_cli::agent_client::{start_process, ClientError, HostStdio, Launch};
 use runvm_tests::{agent_bin, skip_unless, Capture, HostAgent};
 
 fn spec(args: &[&str]) -> ProcessSpec {
@@ -41,7 +41,7 @@ fn run(
         stdout: Some(Box::new(out.clone())),
         stderr: Some(Box::new(err.clone())),
     };
-    let p = start_process(&client, &mut control, id, spec, stdio, false)?;
+    let p = start_process(&client, &mut control, id, spec, stdio, Launch::extra())?;
     let status = p.finish(&mut control)?;
     Ok(Run {
         status,
@@ -89,7 +89,7 @@ fn signals_give_128_plus_the_signal() {
             id,
             spec(&["sleep", "100"]),
             stdio,
-            false,
+            Launch::extra(),
         )
         .unwrap();
         assert!(control.pids().unwrap().contains(&p.pid));
@@ -121,7 +121,7 @@ fn a_signal_to_all_reaches_the_whole_process_group() {
         "grp",
         spec(&["sh", "-c", "sleep 100 & echo started; wait"]),
         stdio,
-        false,
+        Launch::extra(),
     )
     .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -209,7 +209,9 @@ fn a_terminal_is_allocated_and_resized() {
         height: 24,
         width: 80,
     });
-    control.create("tty", s, Default::default(), false).unwrap();
+    control
+        .create("tty", s, Default::default(), false, None)
+        .unwrap();
     let mut term = client.attach("tty", StreamKind::Terminal).unwrap();
     control.start("tty").unwrap();
     let mut seen = Vec::new();
@@ -278,7 +280,15 @@ fn stdin_round_trips_through_cat() {
         stdout: Some(Box::new(out.clone())),
         stderr: None,
     };
-    let p = start_process(&client, &mut control, "cat", spec(&["cat"]), stdio, false).unwrap();
+    let p = start_process(
+        &client,
+        &mut control,
+        "cat",
+        spec(&["cat"]),
+        stdio,
+        Launch::extra(),
+    )
+    .unwrap();
     assert_eq!(p.finish(&mut control).unwrap(), 0);
     assert!(out.bytes() == input, "cat's output differs from its input");
 }
@@ -299,6 +309,7 @@ fn a_host_that_hangs_up_mid_stream_does_not_hurt_the_agent() {
                 stderr: false,
             },
             false,
+            None,
         )
         .unwrap();
     let mut out = client.attach("yes", StreamKind::Stdout).unwrap();

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use agent_protocol::ProcessSpec;
-use runtime_cli::agent_client::{start_process, ClientError, HostStdio};
+use runtime_cli::agent_client::{start_process, ClientError, HostStdio, Launch};
 use runtime_cli::sandbox::Sandbox;
 use runvm_tests::{
     agent_bin, agent_initramfs, busybox, kernel, runvm_bin, skip_unless, static_test_bin,
@@ -102,7 +102,7 @@ fn one_vm_signals_streams_failures_and_register_state() {
             stdout: Some(Box::new(out.clone())),
             stderr: Some(Box::new(Capture::default())),
         };
-        let p = start_process(&client, control, id, spec(args), stdio, false).unwrap();
+        let p = start_process(&client, control, id, spec(args), stdio, Launch::extra()).unwrap();
         (p, out)
     };
 
@@ -128,7 +128,7 @@ fn one_vm_signals_streams_failures_and_register_state() {
         "stream",
         spec(&["pattern", "33554432"]),
         stdio,
-        false,
+        Launch::extra(),
     )
     .unwrap();
     assert_eq!(p.finish(&mut control).unwrap(), 0);
@@ -150,7 +150,7 @@ fn one_vm_signals_streams_failures_and_register_state() {
         "missing",
         spec(&["no-such-program"]),
         stdio,
-        false,
+        Launch::extra(),
     ) {
         Err(ClientError::Exec { status, .. }) => assert_eq!(status, 127),
         other => panic!("expected exec failure, got {other:?}"),

@@ -1,0 +1,184 @@
+//! Containers. The init process gets its own mount, UTS, IPC and PID namespaces and the
+//! container's root, prepared by a helper (this binary re-executed as `container-init`)
+//! that then waits, blocked before exec, until the start; later processes join the same
+//! namespaces and root through the same helper.
+
+pub mod mounts;
+pub mod setup;
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio as StdStdio};
+
+use agent_protocol::{ContainerSpec, ProcessSpec};
+use nix::sched::CloneFlags;
+use serde::{Deserialize, Serialize};
+
+use crate::spawn::{fail, SpawnError};
+
+/// Descriptor number of the helper's control socket.
+pub const HELPER_FD: i32 = 3;
+/// Where an agent in a VM mounts the share.
+pub const SHARE_MOUNT: &str = "/run/runvm/share";
+
+/// Agent -> helper.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HelperSetup {
+    /// Build this container (the init process)...
+    pub container: Option<ContainerSpec>,
+    /// ...or join the one whose init has this pid.
+    pub join: Option<i32>,
+    pub process: ProcessSpec,
+    /// Where the share is visible to the agent.
+    pub share_root: String,
+    /// The host profile's environment (see `spawn::set_profile_env`).
+    pub profile_env: Vec<(String, String)>,
+}
+
+/// Helper -> agent.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum HelperReport {
+    /// Prepared and waiting for the start; a terminal master comes with it when the
+    /// process has a terminal.
+    Ready,
+    /// Preparing or exec failed; `status` stands for the process.
+    Failed { status: i32, message: String },
+}
+
+/// A prepared process, blocked before exec.
+#[derive(Debug)]
+pub struct Helper {
+    pub pid: i32,
+    sock: UnixStream,
+    /// The terminal master, when the process has a terminal.
+    pub pty: Option<File>,
+}
+
+/// The process's standard streams as the helper inherits them.
+#[derive(Debug, Default)]
+pub struct HelperStdio {
+    pub stdin: Option<OwnedFd>,
+    pub stdout: Option<OwnedFd>,
+    pub stderr: Option<OwnedFd>,
+}
+
+fn stdio_of(fd: Option<OwnedFd>) -> StdStdio {
+    fd.map_or_else(StdStdio::null, StdStdio::from)
+}
+
+/// Starts a helper for `setup` and waits until it is ready (or failed). The helper runs in
+/// a new PID namespace (an init) or in the one of the container it joins.
+pub fn prepare(setup: HelperSetup, stdio: HelperStdio) -> Result<Helper, SpawnError> {
+    let (ours, theirs) = nix::sys::socket::socketpair(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::SeqPacket,
+        None,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| fail(1, format!("socketpair: {e}")))?;
+    let join = setup.join;
+    // Namespaces for children are per thread: a short-lived thread forks the helper.
+    let spawned = std::thread::spawn(move || -> Result<u32, SpawnError> {
+        match join {
+            None => nix::sched::unshare(CloneFlags::CLONE_NEWPID)
+                .map_err(|e| fail(1, format!("new PID namespace: {e}")))?,
+            Some(pid) => {
+                let ns = File::open(format!("/proc/{pid}/ns/pid"))
+                    .map_err(|e| fail(1, format!("container init {pid} is gone: {e}")))?;
+                nix::sched::setns(ns, CloneFlags::CLONE_NEWPID)
+                    .map_err(|e| fail(1, format!("joining PID namespace: {e}")))?;
+            }
+        }
+        let raw = theirs.as_raw_fd();
+        let mut cmd = Command::new("/proc/self/exe");
+        cmd.arg("container-init")
+            .stdin(stdio_of(stdio.stdin))
+            .stdout(stdio_of(stdio.stdout))
+            .stderr(stdio_of(stdio.stderr));
+        // SAFETY: dup2/fcntl in the child between fork and exec, on descriptors we own.
+        unsafe {
+            cmd.pre_exec(move || {
+                if raw == HELPER_FD {
+                    // dup2 onto itself keeps close-on-exec: clear it instead.
+                    libc::fcntl(raw, libc::F_SETFD, 0);
+                } else if libc::dup2(raw, HELPER_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| fail(1, format!("starting the container helper: {e}")))?;
+        drop(theirs);
+        Ok(child.id())
+    });
+    let pid = spawned
+        .join()
+        .map_err(|_| fail(1, "container helper thread panicked".into()))?? as i32;
+    let sock = UnixStream::from(ours);
+    setup::send_msg(&sock, &setup, None)
+        .map_err(|e| fail(1, format!("sending setup to the helper: {e}")))?;
+    match setup::recv_msg::<HelperReport>(&sock) {
+        Ok(Some((HelperReport::Ready, pty))) => Ok(Helper { pid, sock, pty }),
+        Ok(Some((HelperReport::Failed { status, message }, _))) => Err(fail(status, message)),
+        Ok(None) => Err(fail(
+            1,
+            "the container helper exited before it was ready".into(),
+        )),
+        Err(e) => Err(fail(1, format!("reading the container helper: {e}"))),
+    }
+}
+
+impl Helper {
+    /// Lets the process exec. Returns once it did (or why it could not).
+    pub fn start(self) -> Result<(), SpawnError> {
+        use std::io::Write;
+        (&self.sock)
+            .write_all(&[1])
+            .map_err(|e| fail(1, format!("starting the helper: {e}")))?;
+        match setup::recv_msg::<HelperReport>(&self.sock) {
+            // End of stream: the socket closed on exec.
+            Ok(None) => Ok(()),
+            Ok(Some((HelperReport::Failed { status, message }, _))) => Err(fail(status, message)),
+            Ok(Some((HelperReport::Ready, _))) => {
+                Err(fail(1, "unexpected report from the helper".into()))
+            }
+            Err(e) => Err(fail(1, format!("reading the helper: {e}"))),
+        }
+    }
+}
+
+/// Makes the share visible to the agent and returns where: a virtio-fs share is mounted
+/// (once) at [`SHARE_MOUNT`]; a directory share is used where it is.
+pub fn mount_share(share: &agent_protocol::Share) -> Result<String, String> {
+    match share {
+        agent_protocol::Share::Directory { path } => {
+            if std::path::Path::new(path).is_dir() {
+                Ok(path.clone())
+            } else {
+                Err(format!("share directory {path} does not exist"))
+            }
+        }
+        agent_protocol::Share::Virtiofs { tag } => {
+            let mounted = std::fs::read_to_string("/proc/self/mounts")
+                .map(|m| m.lines().any(|l| l.split(' ').nth(1) == Some(SHARE_MOUNT)))
+                .unwrap_or(false);
+            if !mounted {
+                std::fs::create_dir_all(SHARE_MOUNT)
+                    .map_err(|e| format!("creating {SHARE_MOUNT}: {e}"))?;
+                nix::mount::mount(
+                    Some(tag.as_str()),
+                    SHARE_MOUNT,
+                    Some("virtiofs"),
+                    nix::mount::MsFlags::empty(),
+                    None::<&str>,
+                )
+                .map_err(|e| format!("mounting virtio-fs share {tag:?}: {e}"))?;
+            }
+            Ok(SHARE_MOUNT.to_string())
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! The helper process (`runvm-agent container-init`): the agent starts it in the
+//! container's PID namespace with the process's stdio, and sends it the container and
+//! process over descriptor 3. It builds or joins the container's namespaces and root,
+//! allocates the terminal there, reports ready, waits for the start, applies the process
+//! attributes and execs the process, which then is the container's init (or an exec'd
+//! process). An exec that fails is reported with its status before the helper exits.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use agent_protocol::{read_frame, write_frame};
+
+use nix::sched::CloneFlags;
+
+use super::{mounts, HelperReport, HelperSetup, HELPER_FD};
+use crate::spawn::{self, ExecSettings, SpawnError};
+
+fn fail(status: i32, message: String) -> SpawnError {
+    spawn::fail(status, message)
+}
+
+/// Joins the namespaces of the container whose init is `pid` (uts, ipc, then mount,
+/// which also moves us into its root).
+fn join(pid: i32) -> Result<(), SpawnError> {
+    let open = |ns: &str| {
+        File::open(format!("/proc/{pid}/ns/{ns}"))
+            .map_err(|e| fail(1, format!("container init {pid} is gone ({ns}: {e})")))
+    };
+    let files = [
+        (open("uts")?, CloneFlags::CLONE_NEWUTS),
+        (open("ipc")?, CloneFlags::CLONE_NEWIPC),
+        (open("mnt")?, CloneFlags::CLONE_NEWNS),
+    ];
+    for (f, kind) in files {
+        nix::sched::setns(f, kind).map_err(|e| fail(1, format!("joining {kind:?}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Opens a terminal of the container's devpts and makes it our controlling terminal on
+/// 0, 1 and 2. Returns the master, for the agent.
+fn terminal(size: Option<agent_protocol::ConsoleSize>) -> Result<OwnedFd, SpawnError> {
+    let master = nix::pty::posix_openpt(nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_NOCTTY)
+        .map_err(|e| fail(1, format!("opening /dev/ptmx in the container: {e}")))?;
+    nix::pty::grantpt(&master).map_err(|e| fail(1, format!("grantpt: {e}")))?;
+    nix::pty::unlockpt(&master).map_err(|e| fail(1, format!("unlockpt: {e}")))?;
+    let name = nix::pty::ptsname_r(&master).map_err(|e| fail(1, format!("ptsname: {e}")))?;
+    let slave = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&name)
+        .map_err(|e| fail(1, format!("opening {name}: {e}")))?;
+    if let Some(s) = size {
+        let ws = libc::winsize {
+            ws_row: s.height,
+            ws_col: s.width,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads a winsize from a valid pointer.
+        unsafe { libc::ioctl(slave.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+    }
+    for fd in 0..3 {
+        // SAFETY: dup2 onto the standard descriptors, which we mean to replace.
+        if unsafe { libc::dup2(slave.as_raw_fd(), fd) } < 0 {
+            return Err(fail(
+                1,
+                format!("dup2: {}", std::io::Error::last_os_error()),
+            ));
+        }
+    }
+    // SAFETY: TIOCSCTTY on our stdin, which is the terminal; we lead a new session.
+    if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } < 0 {
+        return Err(fail(
+            1,
+            format!("TIOCSCTTY: {}", std::io::Error::last_os_error()),
+        ));
+    }
+    let master: OwnedFd = master.into();
+    nix::fcntl::fcntl(
+        &master,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .map_err(|e| fail(1, format!("fcntl: {e}")))?;
+    Ok(master)
+}
+
+/// Everything before the start: namespaces, root, terminal. Returns the terminal master.
+fn prepare(setup: &HelperSetup) -> Result<Option<OwnedFd>, SpawnError> {
+    nix::unistd::setsid().map_err(|e| fail(1, format!("setsid: {e}")))?;
+    match (&setup.container, setup.join) {
+        (Some(spec), None) => {
+            nix::sched::unshare(
+                CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC,
+            )
+            .map_err(|e| fail(1, format!("unshare: {e}")))?;
+            let share = Path::new(&setup.share_root);
+            let root = mounts::build_root(spec, share).map_err(|m| fail(1, m))?;
+            drop(root);
+            mounts::enter_root(spec.no_pivot).map_err(|m| fail(1, m))?;
+            mounts::finish_root(spec).map_err(|m| fail(1, m))?;
+            if let Some(h) = &spec.hostname {
+                nix::unistd::sethostname(h).map_err(|e| fail(1, format!("hostname {h:?}: {e}")))?;
+            }
+        }
+        (None, Some(pid)) => join(pid)?,
+        _ => {
+            return Err(fail(
+                1,
+                "helper needs a container or a container to join".into(),
+            ))
+        }
+    }
+    if setup.process.terminal {
+        return terminal(setup.process.console_size).map(Some);
+    }
+    Ok(None)
+}
+
+fn report(sock: &UnixStream, r: &HelperReport, fd: Option<&OwnedFd>) {
+    let _ = send_msg(sock, r, fd);
+}
+
+fn exec(setup: &HelperSetup) -> SpawnError {
+    let p = &setup.process;
+    let env = spawn::environment(p);
+    let path_var = env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.as_str());
+    let program = match spawn::resolve(&p.args[0], path_var, &p.cwd) {
+        Ok(prog) => prog,
+        Err(e) => return e,
+    };
+    if let Err(e) = nix::unistd::chdir(Path::new(&p.cwd)) {
+        return fail(1, format!("working directory {}: {e}", p.cwd));
+    }
+    let settings = match ExecSettings::from_spec(p) {
+        Ok(s) => s,
+        Err(e) => return e,
+    };
+    if let Err(e) = settings.apply() {
+        return fail(
+            1,
+            format!("setting up user {}:{}: {e}", p.user.uid, p.user.gid),
+        );
+    }
+    let cstr = |s: &str| std::ffi::CString::new(s).unwrap_or_default();
+    let args: Vec<_> = p.args.iter().map(|a| cstr(a)).collect();
+    let envp: Vec<_> = env.iter().map(|(k, v)| cstr(&format!("{k}={v}"))).collect();
+    let e = match nix::unistd::execve(&cstr(&program), &args, &envp) {
+        Err(e) => e,
+        Ok(never) => match never {},
+    };
+    let status = match e {
+        nix::errno::Errno::ENOENT => 127,
+        _ => 126,
+    };
+    fail(status, format!("exec {}: {e}", p.args[0]))
+}
+
+/// Runs the helper; does not return.
+pub fn run() -> ! {
+    // SAFETY: the agent passes the control socket as descriptor HELPER_FD.
+    let mut sock = UnixStream::from(unsafe { OwnedFd::from_raw_fd(HELPER_FD) });
+    let _ = nix::fcntl::fcntl(
+        &sock,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    );
+    let setup: HelperSetup = match recv_msg(&sock) {
+        Ok(Some((s, _))) => s,
+        _ => std::process::exit(1),
+    };
+    spawn::set_profile_env_to(setup.profile_env.clone());
+    match prepare(&setup) {
+        Ok(pty) => report(&sock, &HelperReport::Ready, pty.as_ref()),
+        Err(e) => {
+            report(
+                &sock,
+                &HelperReport::Failed {
+                    status: e.status,
+                    message: e.message,
+                },
+                None,
+            );
+            std::process::exit(e.status);
+        }
+    }
+    // Wait for the start (one byte); a closed socket means the container was deleted.
+    let mut b = [0u8; 1];
+    if !matches!(sock.read(&mut b), Ok(1)) {
+        std::process::exit(1);
+    }
+    let e = exec(&setup);
+    report(
+        &sock,
+        &HelperReport::Failed {
+            status: e.status,
+            message: e.message.clone(),
+        },
+        None,
+    );
+    std::process::exit(e.status);
+}
+
+/// Sends `msg` as one datagram of the seqpacket socket, with `fd` attached.
+pub fn send_msg<T: serde::Serialize>(
+    sock: &UnixStream,
+    msg: &T,
+    fd: Option<&OwnedFd>,
+) -> std::io::Result<()> {
+    let mut body = Vec::new();
+    write_frame(&mut body, msg).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let iov = [std::io::IoSlice::new(&body)];
+    let fds: Vec<i32> = fd.iter().map(|f| f.as_raw_fd()).collect();
+    let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
+    let cmsgs: &[nix::sys::socket::ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
+    nix::sys::socket::sendmsg::<()>(
+        sock.as_raw_fd(),
+        &iov,
+        cmsgs,
+        nix::sys::socket::MsgFlags::empty(),
+        None,
+    )
+    .map_err(std::io::Error::from)?;
+    Ok(())
+}
+
+/// Receives one datagram and the descriptor sent with it; `None` at end of stream.
+pub fn recv_msg<T: serde::de::DeserializeOwned>(
+    sock: &UnixStream,
+) -> std::io::Result<Option<(T, Option<File>)>> {
+    let mut buf = vec![0u8; agent_protocol::MAX_FRAME + 4];
+    let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let msg = nix::sys::socket::recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        nix::sys::socket::MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(std::io::Error::from)?;
+    let mut fd = None;
+    for c in msg.cmsgs().map_err(std::io::Error::from)? {
+        if let nix::sys::socket::ControlMessageOwned::ScmRights(fds) = c {
+            for raw in fds {
+                // SAFETY: SCM_RIGHTS handed us a new descriptor that we now own.
+                fd = Some(File::from(unsafe { OwnedFd::from_raw_fd(raw) }));
+            }
+        }
+    }
+    let n = msg.bytes;
+    if n == 0 {
+        return Ok(None);
+    }
+    let value = read_frame(&mut &buf[..n]).map_err(|e| std::io::Error::other(e.to_string()))?;
+    Ok(Some((value, fd)))
+}

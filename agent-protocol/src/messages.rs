@@ -187,7 +187,7 @@ pub enum Request {
         #[serde(default)]
         init: bool,
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        container: Option<ContainerSpec>,
+        container: Option<Box<ContainerSpec>>,
     },
     /// Starts process `id`. Answered with [`Response::Started`].
     Start { id: String },

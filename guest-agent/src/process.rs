@@ -547,8 +547,18 @@ impl Processes {
         Ok(())
     }
 
-    /// Pids of the processes that still run.
+    /// Pids of the processes that still run: with a container, every process of its PID
+    /// namespace as the container numbers them; otherwise the processes the agent started.
     pub fn pids(&self) -> Vec<i32> {
+        if let Some(init) = self.container_init() {
+            if let Some(pids) = namespace_pids(init) {
+                return pids;
+            }
+        }
+        self.own_pids()
+    }
+
+    fn own_pids(&self) -> Vec<i32> {
         let t = self.lock();
         let mut v: Vec<i32> = t
             .values()
@@ -558,6 +568,34 @@ impl Processes {
         v.sort_unstable();
         v
     }
+}
+
+/// The pids, as numbered inside it, of every process in the PID namespace of `init`.
+fn namespace_pids(init: i32) -> Option<Vec<i32>> {
+    let ns = std::fs::read_link(format!("/proc/{init}/ns/pid")).ok()?;
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        if std::fs::read_link(format!("/proc/{pid}/ns/pid"))
+            .ok()
+            .as_ref()
+            != Some(&ns)
+        {
+            continue;
+        }
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let inner = status
+            .lines()
+            .find_map(|l| l.strip_prefix("NSpid:"))
+            .and_then(|v| v.split_whitespace().last()?.parse().ok());
+        if let Some(p) = inner {
+            pids.push(p);
+        }
+    }
+    pids.sort_unstable();
+    Some(pids)
 }
 
 fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) {

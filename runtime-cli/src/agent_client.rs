@@ -189,7 +189,7 @@ impl Control {
             process,
             stdio,
             init,
-            container,
+            container: container.map(Box::new),
         })
     }
 

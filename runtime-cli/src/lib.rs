@@ -3,6 +3,16 @@
 
 pub mod agent_client;
 pub mod assets;
+pub mod bundle;
+pub mod cgroup;
+pub mod console;
+pub mod container;
+pub mod control;
+pub mod hooks;
 pub mod logging;
 pub mod sandbox;
+pub mod share;
+pub mod state;
+pub mod supervisor;
+pub mod translate;
 pub mod util;

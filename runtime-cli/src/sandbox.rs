@@ -29,6 +29,8 @@ pub enum SandboxError {
     Build(#[from] BuildError),
     #[error("vsock device: {0}")]
     Vsock(String),
+    #[error("virtio-fs share: {0}")]
+    Share(String),
     #[error("the VM ended before its agent was ready: {0}")]
     EndedEarly(VmExit),
     #[error("the guest agent was not ready after {0:?}")]
@@ -65,21 +67,33 @@ impl Sandbox {
         dir: &Path,
         ready_timeout: Duration,
     ) -> Result<Self, SandboxError> {
-        let vsock = dir.join(VSOCK_NAME);
-        let ready_path = ready_socket(&vsock);
+        Self::boot_with_share(config, &dir.join(VSOCK_NAME), None, ready_timeout)
+    }
+
+    /// Boots `config` with a vsock device at `vsock` and, with `share`, a virtio-fs device
+    /// (tag [`crate::translate::SHARE_TAG`]) serving that directory; waits up to
+    /// `ready_timeout` for the agent.
+    pub fn boot_with_share(
+        config: VmConfig,
+        vsock: &Path,
+        share: Option<&Path>,
+        ready_timeout: Duration,
+    ) -> Result<Self, SandboxError> {
+        let ready_path = ready_socket(vsock);
         let ready = UnixListener::bind(&ready_path).map_err(|source| SandboxError::Io {
             what: "binding",
             path: ready_path.clone(),
             source,
         })?;
-        let result = Self::boot_with(config, &vsock, &ready, ready_timeout);
+        let result = Self::start(config, vsock, share, &ready, ready_timeout);
         let _ = std::fs::remove_file(&ready_path);
         result
     }
 
-    fn boot_with(
+    fn start(
         config: VmConfig,
         vsock: &Path,
+        share: Option<&Path>,
         ready: &UnixListener,
         timeout: Duration,
     ) -> Result<Self, SandboxError> {
@@ -89,6 +103,13 @@ impl Sandbox {
             Vsock::new(GUEST_CID, muxer).map_err(|e| SandboxError::Vsock(e.to_string()))?;
         let mut builder = VmBuilder::new(config, HostProfile::detect());
         builder.add_virtio_device(Arc::new(Mutex::new(device)));
+        if let Some(dir) = share {
+            let server = vmm::devices::virtio::fs::passthrough::share_server(dir)
+                .map_err(|e| SandboxError::Share(e.to_string()))?;
+            let fs = vmm::devices::virtio::fs::VirtioFs::new(crate::translate::SHARE_TAG, server)
+                .map_err(|e| SandboxError::Share(e.to_string()))?;
+            builder.add_virtio_device(Arc::new(Mutex::new(fs)));
+        }
         let vm = builder.build()?.start()?;
         let agent = match wait_ready(ready, &vm, timeout) {
             Ok(a) => a,

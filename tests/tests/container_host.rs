@@ -264,7 +264,8 @@ fn mount_destinations_cannot_leave_the_root() {
 fn bad_container_input_fails_at_create_and_leaves_nothing() {
     skip_unless!(unavailable());
     let agent = HostAgent::start();
-    let cases: Vec<(&str, Box<dyn Fn(&mut ContainerSpec)>, &str)> = vec![
+    type Breaker = Box<dyn Fn(&mut ContainerSpec)>;
+    let cases: Vec<(&str, Breaker, &str)> = vec![
         (
             "norootfs",
             Box::new(|c: &mut ContainerSpec| c.rootfs = "missing".into()),

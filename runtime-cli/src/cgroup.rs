@@ -107,21 +107,20 @@ fn v1(rel: &Path, r: &Resources, pid: u32) -> Result<(), CgroupError> {
             source,
         })?;
         if c == "cpuset" {
-            // A new cpuset cgroup has no cpus or mems: inherit the parent's.
-            for f in ["cpuset.cpus", "cpuset.mems"] {
-                if std::fs::read_to_string(dir.join(f))
-                    .map(|v| v.trim().is_empty())
-                    .unwrap_or(false)
-                {
-                    let mut from = dir.parent().map(Path::to_path_buf);
-                    while let Some(p) = from {
-                        if let Ok(v) = std::fs::read_to_string(p.join(f)) {
-                            if !v.trim().is_empty() {
-                                let _ = write(&dir, f, v.trim());
-                                break;
-                            }
+            // New cpuset cgroups start with no cpus or mems: give every level on the way
+            // down its parent's.
+            let mut level = root.clone();
+            for comp in rel.components() {
+                let parent = level.clone();
+                level.push(comp);
+                for f in ["cpuset.cpus", "cpuset.mems"] {
+                    let empty = std::fs::read_to_string(level.join(f))
+                        .map(|v| v.trim().is_empty())
+                        .unwrap_or(false);
+                    if empty {
+                        if let Ok(v) = std::fs::read_to_string(parent.join(f)) {
+                            write(&level, f, v.trim())?;
                         }
-                        from = p.parent().map(Path::to_path_buf);
                     }
                 }
             }

@@ -512,17 +512,28 @@ pub fn run(cfg: &SupervisorConfig, p: Prepared, ready: Option<OwnedFd>) -> i32 {
             }
         },
     };
-    // All output is delivered before the status is.
-    for t in outputs {
-        let _ = t.join();
-    }
+    // All output is delivered before the status is. If the VM is gone, its streams close
+    // only once the VMM lets go of the device: end it first.
+    let vm_gone = sandbox.handle().wait_ended(Some(Duration::ZERO)).is_some();
     drop(terminal_stream);
+    let exit = if vm_gone {
+        drop(control);
+        let exit = sandbox.finish(Duration::ZERO);
+        for t in outputs {
+            let _ = t.join();
+        }
+        exit
+    } else {
+        for t in outputs {
+            let _ = t.join();
+        }
+        drop(control);
+        sandbox.finish(END_GRACE)
+    };
     if let Some(Tty::Own(saved)) = &tty {
         console::restore(std::io::stdin().as_fd(), saved);
     }
     let _ = std::fs::write(cfg.state.file(files::EXIT), format!("{status}\n"));
-    drop(control);
-    let exit = sandbox.finish(END_GRACE);
     log::debug!(
         "container {}: VM ended ({exit}), status {status}",
         cfg.state.id

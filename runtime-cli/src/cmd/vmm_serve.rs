@@ -35,7 +35,7 @@ pub fn run(cli: &Cli, a: &VmmServeArgs) -> i32 {
     match supervisor::prepare(&cfg) {
         Ok(p) => supervisor::run(&cfg, p, ready),
         Err(e) => {
-            log::error!("container {}: {e}", cfg.state.id);
+            // `create` reports it (and logs it).
             supervisor::report_ready(ready, &Err(e));
             1
         }

@@ -424,10 +424,8 @@ fn a_terminal_goes_over_the_console_socket_and_follows_resizes() {
         ws_ypixel: 0,
     };
     // SAFETY: TIOCSWINSZ reads a winsize from a valid pointer.
-    assert_eq!(
-        unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) },
-        0
-    );
+    let r = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+    assert_eq!(r, 0);
     // The resize travels as SIGWINCH to the VMM and then to the guest: give it a moment.
     std::thread::sleep(Duration::from_secs(3));
     std::io::Write::write_all(&mut &master, b"go\n").unwrap();

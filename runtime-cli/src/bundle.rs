@@ -52,6 +52,12 @@ impl Bundle {
                 path: path.clone(),
                 reason: e.to_string(),
             })?;
+        if !raw.is_object() {
+            return Err(BundleError::Malformed {
+                path,
+                reason: "the top level must be a JSON object".into(),
+            });
+        }
         let spec: Spec =
             serde_json::from_value(raw.clone()).map_err(|e| BundleError::Malformed {
                 path: path.clone(),

@@ -3,7 +3,7 @@
 #   make                 runvm, the static guest agent, the guest kernel and the initramfs in build/
 #   make demo            the main job: build everything and boot a busybox guest in a runvm VM
 #   make test            build everything and run all tests (unit, KVM, boot, end-to-end)
-#   make bench           benchmarks against references (BENCHES="boot agent" picks some)
+#   make bench           benchmarks against references (BENCHES="boot agent lifecycle share docker" picks some)
 #   make install PREFIX=/usr/local
 #
 # The guest kernel is cached outside the tree (see kernel-config/build.sh).
@@ -37,7 +37,7 @@ agent: deps
 
 # Static test programs that run in guests (a test /init, an AVX state checker).
 test-bins: deps
-	$(STATIC) $(CARGO) build --profile agent --target $(TARGET) -p runvm-tests --bin boot-check-init --bin avx-check --bin pattern
+	$(STATIC) $(CARGO) build --profile agent --target $(TARGET) -p runvm-tests --bin boot-check-init --bin avx-check --bin pattern --bin fs-check --bin fs-bench
 
 kernel: deps
 	@mkdir -p $(BUILD)
@@ -74,7 +74,7 @@ demo: all
 	@scripts/demo.sh $(abspath $(RUNVM))
 
 bench: all test-bins
-	@scripts/bench.sh $(abspath $(RUNVM)) $(abspath $(SHARE)/vmlinux) $(abspath $(AGENT)) $(abspath $(TEST_BINS)) $(BENCHES)
+	@scripts/bench.sh $(abspath $(RUNVM)) $(abspath $(SHARE)/vmlinux) $(abspath $(SHARE)/initramfs.cpio) $(abspath $(AGENT)) $(abspath $(TEST_BINS)) $(BENCHES)
 
 clean:
 	$(CARGO) clean

@@ -3,7 +3,9 @@
 # (The guest kernel's own build dependencies are installed by kernel-config/build.sh.)
 set -euo pipefail
 
-want=(busybox-static cpio)
+# docker.io, containerd and runc: the client suite (tests/tests/clients.rs) and the reference runtime
+# of the benchmarks.
+want=(busybox-static cpio docker.io containerd runc)
 missing=()
 for p in "${want[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -12,6 +14,14 @@ done
 echo "install-deps: installing ${missing[*]}" >&2
 sudo=()
 [ "$(id -u)" -eq 0 ] || sudo=(sudo)
+# Package scripts must not start daemons (docker.io would start dockerd with its default
+# network setup): a policy-rc.d that denies service starts, only for this install.
+policy=/usr/sbin/policy-rc.d
+if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | "${sudo[@]}" tee "$policy" > /dev/null
+    "${sudo[@]}" chmod 755 "$policy"
+    trap '"${sudo[@]}" rm -f "$policy"' EXIT
+fi
 "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2 \
     || { "${sudo[@]}" apt-get update -q >&2 && "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
             apt-get install -y -q --no-install-recommends "${missing[@]}" >&2; }

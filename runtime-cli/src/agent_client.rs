@@ -50,7 +50,7 @@ pub struct UnixDialer(pub PathBuf);
 
 impl Dial for UnixDialer {
     fn dial(&self) -> Result<UnixStream, ClientError> {
-        UnixStream::connect(&self.0).map_err(|source| ClientError::Dial {
+        vmm::unix_path::connect(&self.0).map_err(|source| ClientError::Dial {
             path: self.0.clone(),
             source,
         })
@@ -76,7 +76,7 @@ pub fn connect_vsock(socket: &Path, port: u32) -> Result<UnixStream, ClientError
         path: socket.to_path_buf(),
         source,
     };
-    let mut s = UnixStream::connect(socket).map_err(dial_err)?;
+    let mut s = vmm::unix_path::connect(socket).map_err(dial_err)?;
     s.write_all(format!("CONNECT {port}\n").as_bytes())
         .map_err(dial_err)?;
     // Read the answer byte by byte: what follows the line belongs to the caller.

@@ -4,7 +4,6 @@
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
@@ -87,7 +86,7 @@ pub fn send_master(socket: &Path, master: &OwnedFd, name: &str) -> Result<(), Co
         path: socket.display().to_string(),
         source,
     };
-    let s = UnixStream::connect(socket).map_err(err)?;
+    let s = vmm::unix_path::connect(socket).map_err(err)?;
     let iov = [std::io::IoSlice::new(name.as_bytes())];
     let fds = [master.as_raw_fd()];
     sendmsg::<()>(

@@ -66,7 +66,7 @@ pub fn call(
     timeout: Duration,
 ) -> Result<ControlResponse, ControlError> {
     let unreachable = |e: &dyn std::fmt::Display| ControlError::Unreachable(e.to_string());
-    let mut s = UnixStream::connect(socket).map_err(|e| unreachable(&e))?;
+    let mut s = vmm::unix_path::connect(socket).map_err(|e| unreachable(&e))?;
     s.set_read_timeout(Some(timeout))
         .map_err(|e| unreachable(&e))?;
     write_frame(&mut s, request).map_err(|e| unreachable(&e))?;

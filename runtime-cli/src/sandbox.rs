@@ -80,7 +80,7 @@ impl Sandbox {
         ready_timeout: Duration,
     ) -> Result<Self, SandboxError> {
         let ready_path = ready_socket(vsock);
-        let ready = UnixListener::bind(&ready_path).map_err(|source| SandboxError::Io {
+        let ready = vmm::unix_path::bind(&ready_path).map_err(|source| SandboxError::Io {
             what: "binding",
             path: ready_path.clone(),
             source,

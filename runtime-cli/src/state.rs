@@ -25,6 +25,8 @@ pub mod files {
     pub const CONSOLE_LOG: &str = "console.log";
     pub const SHARE: &str = "share";
     pub const EXIT: &str = "exit";
+    /// One empty file per running `exec` proxy, named by its host pid (for `ps`).
+    pub const EXECS: &str = "execs";
 }
 
 /// Errors about containers and their state.

@@ -27,7 +27,7 @@ use crate::console::{self, HostPty};
 use crate::control::{self, ControlRequest, ControlResponse, Stats};
 use crate::sandbox::Sandbox;
 use crate::state::{files, StateDir};
-use crate::translate::Plan;
+use crate::translate::{NetworkNs, Plan};
 use crate::{cgroup, share};
 
 /// Id of the container's process in the agent.
@@ -121,6 +121,23 @@ fn dup_std(fd: impl AsFd) -> std::io::Result<File> {
     Ok(File::from(fd.as_fd().try_clone_to_owned()?))
 }
 
+/// Puts the VMM process in the container's network namespace (see [`NetworkNs`]).
+fn enter_network_namespace(ns: &NetworkNs) -> Result<(), String> {
+    use nix::sched::{setns, unshare, CloneFlags};
+    match ns {
+        NetworkNs::Host => Ok(()),
+        NetworkNs::New => {
+            unshare(CloneFlags::CLONE_NEWNET).map_err(|e| format!("new network namespace: {e}"))
+        }
+        NetworkNs::Join(path) => {
+            let f = File::open(path)
+                .map_err(|e| format!("network namespace {}: {e}", path.display()))?;
+            setns(f, CloneFlags::CLONE_NEWNET)
+                .map_err(|e| format!("joining network namespace {}: {e}", path.display()))
+        }
+    }
+}
+
 /// Prepares the container: everything up to the init process blocked before exec.
 /// Must be called before the process has any thread.
 pub fn prepare(cfg: &SupervisorConfig) -> Result<Prepared, String> {
@@ -130,6 +147,7 @@ pub fn prepare(cfg: &SupervisorConfig) -> Result<Prepared, String> {
         .map_err(|e| format!("blocking signals: {e}"))?;
     // SAFETY: ignoring SIGPIPE; failed writes then report EPIPE instead.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    enter_network_namespace(&cfg.plan.network)?;
     share::private_mount_namespace().map_err(|e| e.to_string())?;
     let share_dir = cfg.state.file(files::SHARE);
     share::build(
@@ -448,7 +466,7 @@ pub fn run(cfg: &SupervisorConfig, p: Prepared, ready: Option<OwnedFd>) -> i32 {
     } = p;
     let ctl_path = cfg.state.file(files::CONTROL);
     let _ = std::fs::remove_file(&ctl_path);
-    let listener = match UnixListener::bind(&ctl_path) {
+    let listener = match vmm::unix_path::bind(&ctl_path) {
         Ok(l) => l,
         Err(e) => {
             report_ready(

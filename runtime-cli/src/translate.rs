@@ -61,6 +61,35 @@ pub struct Plan {
     pub binds: Vec<ShareBind>,
     pub cgroups_path: Option<String>,
     pub resources: crate::cgroup::Resources,
+    pub network: NetworkNs,
+}
+
+/// The network namespace the VMM process lives in. The guest has no network device yet, so
+/// this only decides where hooks that configure "the container's" network (Docker's
+/// libnetwork prestart hook enters `/proc/<pid>/ns/net`) do their work: never the host's
+/// namespace unless the spec asks for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetworkNs {
+    /// No `network` entry in `linux.namespaces`: the host's.
+    Host,
+    /// A `network` entry without a path: a new, empty one.
+    New,
+    /// A `network` entry with a path: join it.
+    Join(PathBuf),
+}
+
+fn network(linux: &oci_spec::runtime::Linux) -> NetworkNs {
+    let ns = linux.namespaces().as_deref().unwrap_or_default();
+    match ns
+        .iter()
+        .find(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Network)
+    {
+        None => NetworkNs::Host,
+        Some(n) => match n.path() {
+            Some(p) if !p.as_os_str().is_empty() => NetworkNs::Join(p.clone()),
+            _ => NetworkNs::New,
+        },
+    }
 }
 
 fn is_bind(kind: &str, options: &[String]) -> bool {
@@ -186,12 +215,24 @@ pub fn process_spec(p: &oci_spec::runtime::Process) -> ProcessSpec {
     }
 }
 
+/// Bytes the VMM process may use beyond the guest's RAM before its cgroup limit hits
+/// (measured peak RSS of the VMM itself is ~24 MiB; see docs/BENCHMARKS.md).
+pub const VMM_MEMORY_OVERHEAD: i64 = 64 << 20;
+
 fn resources(linux: &oci_spec::runtime::Linux) -> crate::cgroup::Resources {
     let Some(r) = linux.resources() else {
         return Default::default();
     };
     crate::cgroup::Resources {
-        memory_limit: r.memory().as_ref().and_then(|m| m.limit()),
+        // The guest gets `limit` bytes of RAM; the VMM process that the cgroup holds needs
+        // that plus its own memory (device buffers, the virtio-fs backend, thread stacks).
+        memory_limit: r.memory().as_ref().and_then(|m| m.limit()).map(|l| {
+            if l > 0 {
+                l + VMM_MEMORY_OVERHEAD
+            } else {
+                l
+            }
+        }),
         cpu_quota: r.cpu().as_ref().and_then(|c| c.quota()),
         cpu_period: r.cpu().as_ref().and_then(|c| c.period()),
         cpu_shares: r.cpu().as_ref().and_then(|c| c.shares()),
@@ -305,6 +346,7 @@ pub fn plan(bundle: &Bundle, no_pivot: bool) -> Result<Plan, TranslateError> {
             .clone()
             .map(|p| p.to_string_lossy().into_owned()),
         resources: resources(&linux),
+        network: network(&linux),
     })
 }
 
@@ -375,6 +417,7 @@ mod tests {
         assert_eq!(p.container.devices[0].kind, "c");
         assert_eq!(p.container.masked_paths, ["/proc/kcore"]);
         assert_eq!(p.cgroups_path.as_deref(), Some("/runvm/x"));
+        assert_eq!(p.network, NetworkNs::Host);
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -428,6 +471,22 @@ mod tests {
         let (dir, b) = bundle(cfg);
         let e = plan(&b, false).unwrap_err().to_string();
         assert!(e.contains("/no/such/path"), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn network_namespace_follows_the_spec() {
+        let mut cfg = base();
+        cfg["linux"]["namespaces"] = serde_json::json!([{"type": "network"}, {"type": "pid"}]);
+        let (dir, b) = bundle(cfg.clone());
+        assert_eq!(plan(&b, false).unwrap().network, NetworkNs::New);
+        std::fs::remove_dir_all(dir).unwrap();
+        cfg["linux"]["namespaces"][0]["path"] = "/proc/1/ns/net".into();
+        let (dir, b) = bundle(cfg);
+        assert_eq!(
+            plan(&b, false).unwrap().network,
+            NetworkNs::Join("/proc/1/ns/net".into())
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -14,8 +14,8 @@ use agent_protocol::{ProcessSpec, Stdio, StreamKind};
 use runtime_cli::agent_client::AgentClient;
 use runtime_cli::sandbox::Sandbox;
 use runvm_tests::{
-    agent_bin, agent_initramfs, busybox, kernel, static_test_bin, vm_test_unavailable, HostAgent,
-    TempDir,
+    agent_bin, agent_initramfs, busybox, kernel, median, static_test_bin, vm_test_unavailable,
+    HostAgent, TempDir,
 };
 use vmm::VmConfig;
 
@@ -85,11 +85,6 @@ fn through_pipe(args: &[&str]) -> (Duration, usize, Duration) {
     }
     assert!(child.wait().unwrap().success());
     (first.unwrap_or_default(), total, start.elapsed())
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
 }
 
 fn main() {

@@ -10,7 +10,9 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use runvm_tests::{boot_check_init, kernel, runvm_bin, vm_test_unavailable, TempDir};
+use runvm_tests::{
+    bench_runs, boot_check_init, kernel, median, runvm_bin, vm_test_unavailable, TempDir,
+};
 use vmm::initramfs::Initramfs;
 use vmm::{HostKind, HostProfile};
 
@@ -54,20 +56,12 @@ fn measure(mut cmd: Command) -> Result<Sample, String> {
     })
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
 fn main() {
     if let Some(why) = vm_test_unavailable().or_else(|| boot_check_init().err()) {
         eprintln!("boot benchmark cannot run: {why}");
         std::process::exit(1);
     }
-    let runs: usize = std::env::var("BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+    let runs = bench_runs(3);
     let dir = TempDir::new("bench-boot");
     let initrd = dir.path().join("initrd.cpio");
     let mut image = Initramfs::new();

@@ -4,6 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod clients;
+
 /// Why a VM test cannot run here, or None if it can.
 pub fn kvm_unavailable() -> Option<String> {
     match std::fs::OpenOptions::new()
@@ -657,4 +659,18 @@ pub fn runvm_to_files(
         stderr: std::fs::read_to_string(&err_path).unwrap_or_default(),
         timed_out,
     }
+}
+
+/// The median of benchmark samples (the upper one of an even count).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Runs per benchmark case: `BENCH_RUNS`, else `default`.
+pub fn bench_runs(default: usize) -> usize {
+    std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }

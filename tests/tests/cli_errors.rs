@@ -9,7 +9,12 @@ use runvm_tests::{busybox, runvm, runvm_bin, skip_unless, Finished, TempDir, Tes
 const QUICK: Duration = Duration::from_secs(120);
 
 fn fails_with(f: &Finished, needle: &str) {
-    assert_ne!(f.code, Some(0), "expected failure containing {needle:?}, stdout: {}", f.stdout);
+    assert_ne!(
+        f.code,
+        Some(0),
+        "expected failure containing {needle:?}, stdout: {}",
+        f.stdout
+    );
     let err = f.stderr.trim_end();
     assert_eq!(err.lines().count(), 1, "one line expected:\n{err}");
     assert!(err.starts_with("runvm: "), "{err}");
@@ -19,7 +24,12 @@ fn fails_with(f: &Finished, needle: &str) {
 /// No container state and no runvm process mentioning `root` remain.
 fn nothing_left(root: &Path) {
     let dirs: Vec<_> = std::fs::read_dir(root)
-        .map(|d| d.flatten().filter(|e| e.path().is_dir()).map(|e| e.path()).collect())
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.path())
+                .collect()
+        })
         .unwrap_or_default();
     assert!(dirs.is_empty(), "state left behind: {dirs:?}");
     let needle = root.to_string_lossy().into_owned();
@@ -49,7 +59,14 @@ fn malformed_configs_are_refused_before_anything_exists() {
         let b = TestBundle::new("badcfg", &["true"]);
         std::fs::write(b.path().join("config.json"), config).unwrap();
         let id = format!("c{i}");
-        fails_with(&runvm(root.path(), &["create", "--bundle", &b.path().to_string_lossy(), &id], QUICK), needle);
+        fails_with(
+            &runvm(
+                root.path(),
+                &["create", "--bundle", &b.path().to_string_lossy(), &id],
+                QUICK,
+            ),
+            needle,
+        );
     }
     nothing_left(root.path());
 }
@@ -62,25 +79,64 @@ fn bad_ids_paths_and_sockets_are_refused() {
     let bundle = b.path().to_string_lossy().into_owned();
     let long = "x".repeat(1000);
     for id in ["a/b", "..", "../escape", long.as_str(), ""] {
-        fails_with(&runvm(root.path(), &["create", "--bundle", &bundle, id], QUICK), "invalid container id");
+        fails_with(
+            &runvm(root.path(), &["create", "--bundle", &bundle, id], QUICK),
+            "invalid container id",
+        );
     }
     fails_with(
-        &runvm(root.path(), &["create", "--bundle", &bundle, "--pid-file", "/no/such/dir/pid", "c1"], QUICK),
+        &runvm(
+            root.path(),
+            &[
+                "create",
+                "--bundle",
+                &bundle,
+                "--pid-file",
+                "/no/such/dir/pid",
+                "c1",
+            ],
+            QUICK,
+        ),
         "pid file directory /no/such/dir does not exist",
     );
     fails_with(
-        &runvm(root.path(), &["create", "--bundle", &bundle, "--console-socket", "/no/such/socket", "c1"], QUICK),
+        &runvm(
+            root.path(),
+            &[
+                "create",
+                "--bundle",
+                &bundle,
+                "--console-socket",
+                "/no/such/socket",
+                "c1",
+            ],
+            QUICK,
+        ),
         "console socket /no/such/socket does not exist",
     );
     let mut tty = TestBundle::new("tty", &["sh"]);
     tty.edit(|c| c["process"]["terminal"] = true.into());
     fails_with(
-        &runvm(root.path(), &["create", "--bundle", &tty.path().to_string_lossy(), "c1"], QUICK),
+        &runvm(
+            root.path(),
+            &["create", "--bundle", &tty.path().to_string_lossy(), "c1"],
+            QUICK,
+        ),
         "console-socket",
     );
     std::fs::remove_dir_all(b.rootfs()).unwrap();
-    fails_with(&runvm(root.path(), &["create", "--bundle", &bundle, "c1"], QUICK), "rootfs");
-    fails_with(&runvm(root.path(), &["create", "--bundle", "/no/such/bundle", "c1"], QUICK), "bundle /no/such/bundle");
+    fails_with(
+        &runvm(root.path(), &["create", "--bundle", &bundle, "c1"], QUICK),
+        "rootfs",
+    );
+    fails_with(
+        &runvm(
+            root.path(),
+            &["create", "--bundle", "/no/such/bundle", "c1"],
+            QUICK,
+        ),
+        "bundle /no/such/bundle",
+    );
     nothing_left(root.path());
 }
 
@@ -88,12 +144,26 @@ fn bad_ids_paths_and_sockets_are_refused() {
 fn unknown_containers_and_signals_are_errors() {
     skip_unless!(unavailable());
     let root = TempDir::new("root");
-    for verb in ["state", "start", "delete", "pause", "resume", "ps", "events"] {
-        fails_with(&runvm(root.path(), &[verb, "ghost"], QUICK), "container ghost does not exist");
+    for verb in [
+        "state", "start", "delete", "pause", "resume", "ps", "events",
+    ] {
+        fails_with(
+            &runvm(root.path(), &[verb, "ghost"], QUICK),
+            "container ghost does not exist",
+        );
     }
-    fails_with(&runvm(root.path(), &["kill", "ghost", "TERM"], QUICK), "container ghost does not exist");
-    fails_with(&runvm(root.path(), &["kill", "ghost", "NOTASIGNAL"], QUICK), "invalid signal");
-    fails_with(&runvm(root.path(), &["exec", "ghost", "true"], QUICK), "container ghost does not exist");
+    fails_with(
+        &runvm(root.path(), &["kill", "ghost", "TERM"], QUICK),
+        "container ghost does not exist",
+    );
+    fails_with(
+        &runvm(root.path(), &["kill", "ghost", "NOTASIGNAL"], QUICK),
+        "invalid signal",
+    );
+    fails_with(
+        &runvm(root.path(), &["exec", "ghost", "true"], QUICK),
+        "container ghost does not exist",
+    );
     let f = runvm(root.path(), &["list", "-q"], QUICK);
     assert_eq!((f.code, f.stdout.as_str()), (Some(0), ""));
     nothing_left(root.path());
@@ -126,7 +196,10 @@ fn a_missing_kernel_fails_create_cleanly_and_the_log_file_says_why_in_json() {
     let text = std::fs::read_to_string(&log).unwrap();
     let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
     assert_eq!(last["level"], "error");
-    assert!(last["msg"].as_str().unwrap().contains("/no/such/vmlinux"), "{last}");
+    assert!(
+        last["msg"].as_str().unwrap().contains("/no/such/vmlinux"),
+        "{last}"
+    );
     assert!(last["time"].as_str().unwrap().ends_with('Z'));
     nothing_left(root.path());
 }

@@ -198,7 +198,8 @@ fn the_detached_lifecycle_hooks_resources_and_wrong_states() {
             "/sys/fs/cgroup/memory{cgroup}/memory.limit_in_bytes"
         ))
         .unwrap();
-        assert_eq!(limit.trim(), (200u64 << 20).to_string());
+        // The guest's 200 MiB plus the VMM's own allowance.
+        assert_eq!(limit.trim(), ((200u64 + 64) << 20).to_string());
     }
     fails_with(
         &runvm(r, &["create", "--bundle", &bundle, id], QUICK),
@@ -221,10 +222,18 @@ fn the_detached_lifecycle_hooks_resources_and_wrong_states() {
     assert_eq!(poststart["status"], "running");
     assert!(hooks.path().join("startContainer").exists());
 
+    // JSON: host pids (the VMM); the table: the guest's (its init is 1 in its pid namespace).
     let f = runvm(r, &["ps", "--format", "json", id], QUICK);
     ok(&f, "ps");
     let pids: Vec<i32> = serde_json::from_str(&f.stdout).unwrap();
-    assert!(pids.contains(&1), "{pids:?}");
+    assert_eq!(pids, [pid], "{pids:?}");
+    let f = runvm(r, &["ps", id], QUICK);
+    ok(&f, "ps");
+    assert!(
+        f.stdout.lines().skip(1).any(|l| l.trim() == "1"),
+        "{}",
+        f.stdout
+    );
 
     let f = runvm(
         r,

@@ -15,6 +15,7 @@ pub mod exit;
 pub mod host_profile;
 pub mod initramfs;
 pub mod memory;
+pub mod unix_path;
 pub mod vcpu;
 pub mod vm;
 

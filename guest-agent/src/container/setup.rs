@@ -114,6 +114,16 @@ fn prepare(setup: &HelperSetup) -> Result<Option<OwnedFd>, SpawnError> {
             ))
         }
     }
+    // As runc: a program that is not there fails `create`, not `start`, so a caller never
+    // holds a created container that cannot start.
+    let env = spawn::environment(&setup.process);
+    let path_var = env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.as_str());
+    if let Some(name) = setup.process.args.first() {
+        spawn::resolve(name, path_var, &setup.process.cwd)?;
+    }
     if setup.process.terminal {
         return terminal(setup.process.console_size).map(Some);
     }

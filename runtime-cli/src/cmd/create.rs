@@ -109,6 +109,12 @@ fn vmm_command(cli: &Cli, a: &CreateArgs, kernel: &Path, initrd: &Path) -> anyho
         .arg(&a.bundle);
     if let Some(s) = &a.console_socket {
         cmd.arg("--console-socket").arg(s);
+        // With a terminal the container's stdio is the pty: the VMM must not keep the
+        // caller's stdio, or a caller that reads `create`'s output until EOF (containerd's
+        // shim does) would wait as long as the container lives. Its log goes to --log.
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
     }
     if a.no_pivot {
         cmd.arg("--no-pivot");

@@ -14,10 +14,13 @@ pub fn run(cli: &Cli, a: &DeleteArgs) -> anyhow::Result<()> {
     let c = match Container::load(&cli.root, &a.id) {
         Ok(c) => c,
         Err(e) => {
-            // A half-created directory (no state yet) goes with --force.
+            // With --force, as runc: a half-created directory (no state yet) goes, and a
+            // container that does not exist is not an error (shims clean up with it).
             let dir = runtime_cli::state::StateDir::new(&cli.root, &a.id)?;
-            if a.force && dir.dir.exists() {
-                dir.remove()?;
+            if a.force {
+                if dir.dir.exists() {
+                    dir.remove()?;
+                }
                 return Ok(());
             }
             return Err(e.into());

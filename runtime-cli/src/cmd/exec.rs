@@ -102,6 +102,27 @@ fn copy<R: Read, W: Write>(mut from: R, mut to: W) -> W {
     to
 }
 
+/// This proxy's entry in the container's `execs/` directory while it runs: `ps --format
+/// json` lists the host processes that make up the container.
+struct ExecRegistration(Option<std::path::PathBuf>);
+
+impl ExecRegistration {
+    fn new(c: &Container) -> Self {
+        let dir = c.dir.file(files::EXECS);
+        let path = dir.join(std::process::id().to_string());
+        let ok = std::fs::create_dir_all(&dir).is_ok() && File::create(&path).is_ok();
+        ExecRegistration(ok.then_some(path))
+    }
+}
+
+impl Drop for ExecRegistration {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 /// Runs the process and relays it; returns its status. `started` is told once it runs.
 fn proxy(
     c: &Container,
@@ -119,6 +140,7 @@ fn proxy(
         port: AGENT_PORT,
     }));
     let id = exec_id();
+    let _registered = ExecRegistration::new(c);
     let mut control = client.control()?;
     let terminal = spec.terminal;
     let stdio = Stdio {

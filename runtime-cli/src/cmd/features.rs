@@ -14,7 +14,7 @@ pub fn run() -> anyhow::Result<()> {
             "slave", "strictatime", "suid", "sync", "unbindable"
         ],
         "linux": {
-            "namespaces": ["mount", "pid", "uts", "ipc"],
+            "namespaces": ["mount", "pid", "uts", "ipc", "network"],
             "cgroup": {"v1": true, "v2": true, "systemd": true},
             "mountExtensions": {"idmap": {"enabled": false}}
         },

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
+use crate::unix_path::SocketPath;
+
 use super::super::{
     op, Packet, VsockBackend, VsockChannel, VsockEpollListener, VsockError, HOST_CID, TYPE_STREAM,
 };
@@ -59,7 +61,7 @@ pub enum MuxerError {
 #[derive(Debug)]
 pub struct VsockMuxer {
     guest_cid: u64,
-    path: PathBuf,
+    path: SocketPath,
     listener: UnixListener,
     epoll: Epoll,
     conns: HashMap<ConnKey, Connection>,
@@ -78,11 +80,12 @@ impl VsockMuxer {
             path: path.to_path_buf(),
             source,
         };
-        let listener = UnixListener::bind(path).map_err(bind_err)?;
+        let sock = SocketPath::new(path).map_err(bind_err)?;
+        let listener = UnixListener::bind(sock.usable()).map_err(bind_err)?;
         listener.set_nonblocking(true).map_err(bind_err)?;
         let mut m = VsockMuxer {
             guest_cid,
-            path: path.to_path_buf(),
+            path: sock,
             listener,
             epoll: Epoll::new().map_err(MuxerError::Epoll)?,
             conns: HashMap::new(),
@@ -100,7 +103,7 @@ impl VsockMuxer {
 
     /// The socket host programs connect to.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.path.real()
     }
 
     /// Number of live connections.
@@ -203,7 +206,7 @@ impl VsockMuxer {
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => {
-                    log::warn!("vsock: accept on {}: {e}", self.path.display());
+                    log::warn!("vsock: accept on {}: {e}", self.path.real().display());
                     return;
                 }
             }
@@ -256,7 +259,7 @@ impl VsockMuxer {
             self.rst_queue.push_back(key);
             return;
         }
-        let target = PathBuf::from(format!("{}_{}", self.path.display(), key.local_port));
+        let target = self.path.sibling(&format!("_{}", key.local_port));
         match connect_nonblocking(&target) {
             Ok(stream) => {
                 let conn = Connection::new_peer(
@@ -441,7 +444,7 @@ impl VsockBackend for VsockMuxer {}
 impl Drop for VsockMuxer {
     fn drop(&mut self) {
         // The socket file is ours: leave nothing behind.
-        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_file(self.path.real());
     }
 }
 

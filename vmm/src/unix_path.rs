@@ -1,0 +1,130 @@
+//! Unix socket paths longer than `sun_path` allows (108 bytes). Docker and containerd put
+//! state under long roots and 64-character ids, so `<root>/<id>/v.sock_1025` can pass the
+//! limit. A [`SocketPath`] keeps such a path usable: it holds an `O_PATH` descriptor of
+//! the socket's directory and names the socket `/proc/self/fd/<n>/<name>`, which is
+//! short and resolves to the same file. The socket file itself stays where it was
+//! asked to be, so removing the directory removes it.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+/// Longest path `bind`/`connect` take (the NUL terminator needs the last byte).
+pub const MAX_SUN_PATH: usize = 107;
+
+/// A socket path usable with `bind`/`connect` in this process, however long the real
+/// path. Keep it alive as long as the path is used: it owns the directory descriptor.
+#[derive(Debug)]
+pub struct SocketPath {
+    real: PathBuf,
+    usable: PathBuf,
+    _dir: Option<File>,
+}
+
+impl SocketPath {
+    /// Prepares `path`; the directory must exist when the path is too long.
+    pub fn new(path: &Path) -> std::io::Result<Self> {
+        if path.as_os_str().as_bytes().len() <= MAX_SUN_PATH {
+            return Ok(SocketPath {
+                real: path.to_path_buf(),
+                usable: path.to_path_buf(),
+                _dir: None,
+            });
+        }
+        let (dir, name) = match (path.parent(), path.file_name()) {
+            (Some(d), Some(n)) => (d, n),
+            _ => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("socket path {} has no file name", path.display()),
+                ))
+            }
+        };
+        let dir = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .open(dir)?;
+        let usable = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name);
+        if usable.as_os_str().as_bytes().len() > MAX_SUN_PATH {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("socket name in {} is too long", path.display()),
+            ));
+        }
+        Ok(SocketPath {
+            real: path.to_path_buf(),
+            usable,
+            _dir: Some(dir),
+        })
+    }
+
+    /// The path to give `bind`/`connect` in this process.
+    pub fn usable(&self) -> &Path {
+        &self.usable
+    }
+
+    /// The socket's real path (for messages and removal).
+    pub fn real(&self) -> &Path {
+        &self.real
+    }
+
+    /// The socket `<path>_<suffix>` next to this one, made usable the same way.
+    pub fn sibling(&self, suffix: &str) -> PathBuf {
+        let mut s = self.usable.as_os_str().to_os_string();
+        s.push(suffix);
+        PathBuf::from(s)
+    }
+}
+
+/// `UnixStream::connect` for a path of any length.
+pub fn connect(path: &Path) -> std::io::Result<std::os::unix::net::UnixStream> {
+    std::os::unix::net::UnixStream::connect(SocketPath::new(path)?.usable())
+}
+
+/// `UnixListener::bind` for a path of any length; the socket file is at `path`.
+pub fn bind(path: &Path) -> std::io::Result<std::os::unix::net::UnixListener> {
+    std::os::unix::net::UnixListener::bind(SocketPath::new(path)?.usable())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn short_paths_pass_through() {
+        let p = SocketPath::new(Path::new("/run/x.sock")).unwrap();
+        assert_eq!(p.usable(), Path::new("/run/x.sock"));
+        assert_eq!(p.sibling("_5"), PathBuf::from("/run/x.sock_5"));
+    }
+
+    #[test]
+    fn long_paths_bind_and_connect_in_place() {
+        let base = std::env::temp_dir().join(format!("runvm-sockpath-{}", std::process::id()));
+        let dir = base.join("d".repeat(60)).join("e".repeat(60));
+        std::fs::create_dir_all(&dir).unwrap();
+        let real = dir.join("v.sock");
+        assert!(real.as_os_str().len() > MAX_SUN_PATH);
+        assert!(
+            UnixListener::bind(&real).is_err(),
+            "the kernel limit still applies"
+        );
+        let p = SocketPath::new(&real).unwrap();
+        let l = UnixListener::bind(p.usable()).unwrap();
+        assert!(real.exists(), "the socket file is at its real path");
+        let mut c = connect(&real).unwrap();
+        c.write_all(b"hi").unwrap();
+        let mut buf = [0u8; 2];
+        l.accept().unwrap().0.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"hi");
+        let s = UnixListener::bind(p.sibling("_1025")).unwrap();
+        assert!(dir.join("v.sock_1025").exists());
+        let b = bind(&dir.join("b.sock")).unwrap();
+        assert!(dir.join("b.sock").exists());
+        drop((l, s, b));
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+}

@@ -29,7 +29,7 @@ echo "written in the VM" > /root/from-the-vm.txt
 SCRIPT
 sed -i 's/"terminal": true/"terminal": false/; s|^\( *\)"sh"$|\1"sh", "/demo.sh"|' "$bundle/config.json"
 
-echo "demo: runvm run (the VM boots first: seconds on software-emulated KVM, well under one on hardware)"
+echo "demo: runvm run (the VM boots first: seconds on software-emulated KVM)"
 start=$(date +%s%N)
 "$runvm" --root "$root" run --bundle "$bundle" demo
 end=$(date +%s%N)

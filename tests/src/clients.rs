@@ -314,7 +314,7 @@ impl Engine {
     /// Host processes whose command line names this engine's private directory: the
     /// daemon's children (a managed containerd, shims) and runvm's VMMs and exec proxies.
     pub fn leftover_processes(&self) -> Vec<(i32, String)> {
-        let marker = self.dir.path().to_string_lossy().into_owned();
+        let marker = format!("{}/", self.dir.path().display());
         let own = std::process::id() as i32;
         let mut found = Vec::new();
         for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
@@ -382,7 +382,7 @@ impl Engine {
     /// Mount points under the private directory (overlay and shm mounts left by a daemon
     /// that died), deepest first.
     pub fn mounts(&self) -> Vec<PathBuf> {
-        let marker = self.dir.path().to_string_lossy().into_owned();
+        let marker = format!("{}/", self.dir.path().display());
         let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         let mut points: Vec<PathBuf> = info
             .lines()

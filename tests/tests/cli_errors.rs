@@ -32,11 +32,17 @@ fn nothing_left(root: &Path) {
         })
         .unwrap_or_default();
     assert!(dirs.is_empty(), "state left behind: {dirs:?}");
+    // Whole arguments only: another test's root may have this one as a prefix.
     let needle = root.to_string_lossy().into_owned();
+    let inside = format!("{needle}/");
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let mentions = cmd
+                .split(|b| *b == 0)
+                .map(String::from_utf8_lossy)
+                .any(|a| a == needle || a.starts_with(&inside));
             let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            assert!(!cmd.contains(&needle), "process left behind: {cmd}");
+            assert!(!mentions, "process left behind: {cmd}");
         }
     }
 }

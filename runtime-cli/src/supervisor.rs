@@ -78,8 +78,9 @@ impl std::fmt::Debug for Prepared {
     }
 }
 
-/// Signals forwarded to the container process.
-const FORWARDED: [Signal; 9] = [
+/// Signals forwarded to the container process (by the VMM) or to an exec'd process (by its
+/// proxy); SIGWINCH becomes a terminal resize.
+pub const FORWARDED: [Signal; 9] = [
     Signal::SIGTERM,
     Signal::SIGINT,
     Signal::SIGHUP,

@@ -203,6 +203,52 @@ pub struct Finished {
     pub timed_out: bool,
 }
 
+/// Waits for `child` up to `timeout`, then kills it; returns its status and whether it
+/// was killed. The child is only signalled while unreaped, so its pid cannot be reused.
+fn wait_or_kill(
+    child: &mut std::process::Child,
+    timeout: std::time::Duration,
+) -> (std::process::ExitStatus, bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(st) = child.try_wait().expect("waiting for command") {
+            return (st, false);
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            return (child.wait().expect("waiting for killed command"), true);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Asserts that a command succeeded (exit 0, in time); returns it.
+pub fn ok<'a>(f: &'a Finished, what: &str) -> &'a Finished {
+    assert!(
+        f.code == Some(0) && !f.timed_out,
+        "{what}: exit {:?} (timed out: {})\nstdout: {}\nstderr: {}",
+        f.code,
+        f.timed_out,
+        f.stdout,
+        f.stderr
+    );
+    f
+}
+
+/// Asserts that a runvm command failed with one `runvm: ...` line containing `needle`.
+pub fn fails_with(f: &Finished, needle: &str) {
+    assert_ne!(
+        f.code,
+        Some(0),
+        "expected failure containing {needle:?}, stdout: {}",
+        f.stdout
+    );
+    let err = f.stderr.trim_end();
+    assert_eq!(err.lines().count(), 1, "one line expected:\n{err}");
+    assert!(err.starts_with("runvm: "), "{err}");
+    assert!(err.contains(needle), "expected {needle:?} in {err:?}");
+}
+
 /// Runs `cmd` to completion with piped stdout/stderr and no stdin; kills it (and reports
 /// `timed_out`) if it runs longer than `timeout`. The child is only ever signalled while it
 /// is still unreaped, so its pid cannot have been reused.
@@ -227,19 +273,7 @@ pub fn run_with_timeout(mut cmd: std::process::Command, timeout: std::time::Dura
         let _ = err.read_to_end(&mut s);
         s
     });
-    let deadline = std::time::Instant::now() + timeout;
-    let mut timed_out = false;
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("waiting for command") {
-            break st;
-        }
-        if std::time::Instant::now() >= deadline {
-            timed_out = true;
-            let _ = child.kill();
-            break child.wait().expect("waiting for killed command");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
+    let (status, timed_out) = wait_or_kill(&mut child, timeout);
     Finished {
         code: status.code(),
         stdout: String::from_utf8_lossy(&out_t.join().unwrap()).into_owned(),
@@ -640,19 +674,7 @@ pub fn runvm_to_files(
         .stderr(err)
         .spawn()
         .expect("spawning runvm");
-    let deadline = std::time::Instant::now() + timeout;
-    let mut timed_out = false;
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("waiting for runvm") {
-            break s;
-        }
-        if std::time::Instant::now() >= deadline {
-            timed_out = true;
-            let _ = child.kill();
-            break child.wait().expect("waiting for killed runvm");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
+    let (status, timed_out) = wait_or_kill(&mut child, timeout);
     Finished {
         code: status.code(),
         stdout: std::fs::read_to_string(out_path).unwrap_or_default(),

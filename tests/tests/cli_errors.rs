@@ -4,22 +4,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use runvm_tests::{busybox, runvm, runvm_bin, skip_unless, Finished, TempDir, TestBundle};
+use runvm_tests::{busybox, fails_with, runvm, runvm_bin, skip_unless, TempDir, TestBundle};
 
 const QUICK: Duration = Duration::from_secs(120);
-
-fn fails_with(f: &Finished, needle: &str) {
-    assert_ne!(
-        f.code,
-        Some(0),
-        "expected failure containing {needle:?}, stdout: {}",
-        f.stdout
-    );
-    let err = f.stderr.trim_end();
-    assert_eq!(err.lines().count(), 1, "one line expected:\n{err}");
-    assert!(err.starts_with("runvm: "), "{err}");
-    assert!(err.contains(needle), "expected {needle:?} in {err:?}");
-}
 
 /// No container state and no runvm process mentioning `root` remain.
 fn nothing_left(root: &Path) {

@@ -8,23 +8,11 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::time::{Duration, Instant};
 
 use runvm_tests::clients::{clients_unavailable, Engine, IMAGE};
-use runvm_tests::{pid_alive, runvm_bin, skip_unless, Finished, TempDir};
+use runvm_tests::{ok, pid_alive, runvm_bin, skip_unless, Finished, TempDir};
 
 /// Generous: VMs boot in tens of seconds on software KVM and several boot at once here.
 const T: Duration = Duration::from_secs(400);
 const QUICK: Duration = Duration::from_secs(60);
-
-fn ok<'a>(f: &'a Finished, what: &str) -> &'a Finished {
-    assert!(
-        f.code == Some(0) && !f.timed_out,
-        "{what}: exit {:?} (timed out: {})\nstdout: {}\nstderr: {}",
-        f.code,
-        f.timed_out,
-        f.stdout,
-        f.stderr
-    );
-    f
-}
 
 fn host_kernel() -> String {
     nix::sys::utsname::uname()

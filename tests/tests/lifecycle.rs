@@ -10,35 +10,13 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use runvm_tests::{
-    container_test_unavailable, pid_alive, runvm, runvm_to_files, skip_unless, token,
-    ContainerGuard, Finished, TempDir, TestBundle,
+    container_test_unavailable, fails_with, ok, pid_alive, runvm, runvm_to_files, skip_unless,
+    token, ContainerGuard, TempDir, TestBundle,
 };
 
 /// One VM boot and container setup on software KVM takes ~25 s.
 const T: Duration = Duration::from_secs(300);
 const QUICK: Duration = Duration::from_secs(60);
-
-fn ok(f: &Finished, what: &str) {
-    assert_eq!(
-        f.code,
-        Some(0),
-        "{what} failed:\nstdout: {}\nstderr: {}",
-        f.stdout,
-        f.stderr
-    );
-}
-
-fn fails_with(f: &Finished, needle: &str) {
-    assert_ne!(
-        f.code,
-        Some(0),
-        "expected failure containing {needle:?}, stdout: {}",
-        f.stdout
-    );
-    let err = f.stderr.trim_end();
-    assert_eq!(err.lines().count(), 1, "one line expected:\n{err}");
-    assert!(err.contains(needle), "expected {needle:?} in {err:?}");
-}
 
 fn state(root: &Path, id: &str) -> serde_json::Value {
     let f = runvm(root, &["state", id], QUICK);

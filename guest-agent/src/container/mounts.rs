@@ -34,6 +34,18 @@ pub struct Options {
     pub data: Vec<String>,
 }
 
+/// Mount propagation options and their flags (the `r` forms apply to the whole tree).
+const PROPAGATION: [(&str, MsFlags); 8] = [
+    ("private", MsFlags::MS_PRIVATE),
+    ("rprivate", MsFlags::MS_PRIVATE.union(MsFlags::MS_REC)),
+    ("shared", MsFlags::MS_SHARED),
+    ("rshared", MsFlags::MS_SHARED.union(MsFlags::MS_REC)),
+    ("slave", MsFlags::MS_SLAVE),
+    ("rslave", MsFlags::MS_SLAVE.union(MsFlags::MS_REC)),
+    ("unbindable", MsFlags::MS_UNBINDABLE),
+    ("runbindable", MsFlags::MS_UNBINDABLE.union(MsFlags::MS_REC)),
+];
+
 /// Parses OCI mount options (`mount(8)` spelling).
 pub fn parse_options(options: &[String]) -> Options {
     let mut o = Options {
@@ -75,40 +87,11 @@ pub fn parse_options(options: &[String]) -> Options {
                 o.recursive = true;
                 continue;
             }
-            "private" => {
-                o.propagation = Some(MsFlags::MS_PRIVATE);
-                continue;
-            }
-            "rprivate" => {
-                o.propagation = Some(MsFlags::MS_PRIVATE | MsFlags::MS_REC);
-                continue;
-            }
-            "shared" => {
-                o.propagation = Some(MsFlags::MS_SHARED);
-                continue;
-            }
-            "rshared" => {
-                o.propagation = Some(MsFlags::MS_SHARED | MsFlags::MS_REC);
-                continue;
-            }
-            "slave" => {
-                o.propagation = Some(MsFlags::MS_SLAVE);
-                continue;
-            }
-            "rslave" => {
-                o.propagation = Some(MsFlags::MS_SLAVE | MsFlags::MS_REC);
-                continue;
-            }
-            "unbindable" => {
-                o.propagation = Some(MsFlags::MS_UNBINDABLE);
-                continue;
-            }
-            "runbindable" => {
-                o.propagation = Some(MsFlags::MS_UNBINDABLE | MsFlags::MS_REC);
-                continue;
-            }
             other => {
-                o.data.push(other.to_string());
+                match PROPAGATION.iter().find(|(name, _)| *name == other) {
+                    Some((_, p)) => o.propagation = Some(*p),
+                    None => o.data.push(other.to_string()),
+                }
                 continue;
             }
         };

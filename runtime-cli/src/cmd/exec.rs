@@ -16,20 +16,10 @@ use runtime_cli::agent_client::{AgentClient, ClientError, VsockDialer};
 use runtime_cli::console;
 use runtime_cli::container::Container;
 use runtime_cli::state::{files, Status};
+use runtime_cli::supervisor::FORWARDED;
 use runtime_cli::translate::process_spec;
 
 use crate::cli::{Cli, ExecArgs};
-
-const FORWARDED: [Signal; 8] = [
-    Signal::SIGTERM,
-    Signal::SIGINT,
-    Signal::SIGHUP,
-    Signal::SIGQUIT,
-    Signal::SIGUSR1,
-    Signal::SIGUSR2,
-    Signal::SIGWINCH,
-    Signal::SIGCONT,
-];
 
 fn spec_from(a: &ExecArgs) -> anyhow::Result<ProcessSpec> {
     let mut spec = match &a.process {

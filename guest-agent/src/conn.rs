@@ -40,10 +40,18 @@ impl Listener {
         Ok(Listener::Vsock(fd))
     }
 
-    /// Listens on the Unix socket `path` (replacing a stale one).
+    /// Listens on the Unix socket `path` (replacing a stale one). The socket is bound and
+    /// listening under a temporary name first and then renamed: whoever waits for `path`
+    /// to appear never connects between bind and listen (ECONNREFUSED).
     pub fn unix(path: &Path) -> io::Result<Self> {
-        let _ = std::fs::remove_file(path);
-        Ok(Listener::Unix(UnixListener::bind(path)?))
+        let tmp = path
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(format!(".agent-{}.tmp", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        let listener = UnixListener::bind(&tmp)?;
+        std::fs::rename(&tmp, path)?;
+        Ok(Listener::Unix(listener))
     }
 
     /// Waits for the next connection.

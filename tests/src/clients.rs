@@ -375,7 +375,9 @@ impl Engine {
             let _ = std::fs::remove_file(Path::new(SHIM_SOCKETS).join(name));
         }
         if self.shim_sockets_before.is_empty() {
+            // Only if empty: the shims create both levels.
             let _ = std::fs::remove_dir(SHIM_SOCKETS);
+            let _ = std::fs::remove_dir(Path::new(SHIM_SOCKETS).parent().unwrap());
         }
     }
 

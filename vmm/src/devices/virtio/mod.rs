@@ -28,6 +28,31 @@ pub struct VirtioQueue {
     pub notify: EventFd,
 }
 
+/// Copies the window `offset..offset + data.len()` of a device's config space `cfg` into
+/// `data`; bytes past its end read as zero.
+pub fn read_config_window(cfg: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| cfg.get(o.checked_add(i)?))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
+/// The first step of every activation: the driver enabled exactly the queues the device
+/// has.
+pub fn check_queue_count(queues: &[VirtioQueue], need: usize) -> Result<(), ActivateError> {
+    if queues.len() == need {
+        Ok(())
+    } else {
+        Err(ActivateError::QueueCount {
+            got: queues.len(),
+            need,
+        })
+    }
+}
+
 /// Why a device could not be activated.
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {

@@ -145,9 +145,7 @@ impl<F: FileSystem + Sync + Send> VirtioDevice for VirtioFs<F> {
         let mut cfg = [0u8; TAG_LEN + 4];
         cfg[..TAG_LEN].copy_from_slice(&self.tag);
         cfg[TAG_LEN..].copy_from_slice(&((QUEUE_SIZES.len() - 1) as u32).to_le_bytes());
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = cfg.get(offset as usize + i).copied().unwrap_or(0);
-        }
+        crate::devices::virtio::read_config_window(&cfg, offset, data);
     }
 
     fn activate(
@@ -156,12 +154,7 @@ impl<F: FileSystem + Sync + Send> VirtioDevice for VirtioFs<F> {
         interrupt: Arc<VirtioInterrupt>,
         queues: Vec<VirtioQueue>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != QUEUE_SIZES.len() {
-            return Err(ActivateError::QueueCount {
-                got: queues.len(),
-                need: QUEUE_SIZES.len(),
-            });
-        }
+        crate::devices::virtio::check_queue_count(&queues, QUEUE_SIZES.len())?;
         self.active = Some(Active {
             mem,
             interrupt,

@@ -174,9 +174,7 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // struct virtio_vsock_config { le64 guest_cid; }
         let cfg = self.cid.to_le_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = cfg.get(offset as usize + i).copied().unwrap_or(0);
-        }
+        crate::devices::virtio::read_config_window(&cfg, offset, data);
     }
 
     fn activate(
@@ -185,12 +183,7 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
         interrupt: Arc<VirtioInterrupt>,
         queues: Vec<VirtioQueue>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != QUEUE_SIZES.len() {
-            return Err(ActivateError::QueueCount {
-                got: queues.len(),
-                need: QUEUE_SIZES.len(),
-            });
-        }
+        crate::devices::virtio::check_queue_count(&queues, QUEUE_SIZES.len())?;
         self.active = Some(Active {
             mem,
             interrupt,

@@ -106,10 +106,15 @@ fn wait_exit(g: &Guest, timeout: Duration) -> Option<VmExit> {
     None
 }
 
+/// Stops the vCPU with one request (one kick) and joins it, failing if it does not end.
 fn finish(g: Guest) {
     g.control.set(RunState::Stopping);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !g.thread.is_finished() {
-        g.control.kick_all();
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the vCPU did not stop after one kick"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
     g.thread.join();
@@ -158,7 +163,7 @@ fn pause_stops_the_guest_and_resume_continues_it() {
         assert!(std::time::Instant::now() < deadline, "guest never ran");
         std::thread::sleep(Duration::from_millis(5));
     }
-    g.control.pause(1);
+    g.control.pause();
     let paused_at = count(&g);
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(count(&g), paused_at, "guest ran while paused");
@@ -170,5 +175,23 @@ fn pause_stops_the_guest_and_resume_continues_it() {
     }
     assert_eq!(g.exit.peek(), None);
     // Stopping kicks the vCPU out of KVM_RUN even though it never exits on its own.
+    finish(g);
+}
+
+#[test]
+fn one_kick_stops_a_guest_that_never_exits() {
+    skip_unless!(kvm_unavailable());
+    // jmp $: the vCPU stays in KVM_RUN until a kick takes it out.
+    let g = start(&[0xeb, 0xfe]);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(g.exit.peek(), None);
+    let (c, (tx, rx)) = (g.control.clone(), std::sync::mpsc::channel());
+    std::thread::spawn(move || {
+        c.pause();
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("pause never returned: the kick did not take the vCPU out of KVM_RUN");
+    g.control.set(RunState::Running);
     finish(g);
 }

@@ -1,6 +1,7 @@
-//! The one ordered path from a `VmConfig` to a running VM: validate, KVM VM, guest memory,
-//! irqchip, event loop, legacy devices, virtio devices, kernel and boot data, vCPUs. Then
-//! `Vmm::start` runs it and `RunningVm::wait` returns why it ended.
+//! The one ordered path from a `VmConfig` to a VM ready to run, each step a function:
+//! validate, KVM VM and guest memory, irqchip, legacy devices, virtio devices (one MMIO
+//! window and interrupt line each, from [`MmioAllocator`]), kernel and boot data, vCPUs.
+//! Then `Vmm::start` runs it (see `running`).
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -9,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use event_manager::MutEventSubscriber;
 
-use crate::boot::{self, regs, BootError, EntryMode};
+use crate::boot::{self, regs, BootError, EntryMode, LoadedKernel};
 use crate::bus::{Bus, BusError};
 use crate::cmdline::{self, CmdlineError, MmioDeviceArg};
 use crate::config::{ConfigError, ConsoleOutput, VmConfig};
@@ -20,11 +21,12 @@ use crate::devices::serial::{
 use crate::devices::virtio::mmio::{MmioError, MmioTransport};
 use crate::devices::virtio::{VirtioDevice, VirtioInterrupt};
 use crate::devices::IrqLine;
-use crate::event_loop::{EventLoop, EventLoopError, EventLoopThread, Subscriber};
-use crate::exit::{ExitNotifier, VmExit};
+use crate::event_loop::{EventLoop, EventLoopError, Subscriber};
+use crate::exit::ExitNotifier;
 use crate::host_profile::HostProfile;
 use crate::memory::{self, layout, GuestMemory};
-use crate::vcpu::{self, RunState, Vcpu, VcpuControl, VcpuThread};
+use crate::running::Vmm;
+use crate::vcpu::{self, Vcpu, VcpuControl};
 use crate::vm::{Vm, VmError};
 
 /// Errors while building or starting a VM.
@@ -90,24 +92,38 @@ pub struct VmInfo {
     pub entry: EntryMode,
 }
 
-/// A built VM, not yet running.
-pub struct Vmm {
-    vm: Vm,
-    mem: GuestMemory,
-    vcpus: Vec<Vcpu>,
-    events: EventLoop,
-    exit: Arc<ExitNotifier>,
-    watch: Arc<ConsoleWatch>,
-    control: Arc<VcpuControl>,
-    info: VmInfo,
+/// Hands out virtio-mmio windows (4 KiB each from `VIRTIO_MMIO_START`) and interrupt lines
+/// (from `IRQ_BASE` to `IRQ_MAX`), one pair per device.
+#[derive(Debug, Default)]
+pub struct MmioAllocator {
+    next: u32,
 }
 
-impl std::fmt::Debug for Vmm {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Vmm")
-            .field("info", &self.info)
-            .finish_non_exhaustive()
+impl MmioAllocator {
+    /// Most devices the interrupt lines allow.
+    pub const MAX_DEVICES: usize = (layout::IRQ_MAX - layout::IRQ_BASE + 1) as usize;
+
+    /// The next window and line.
+    pub fn allocate(&mut self) -> Result<MmioDeviceArg, BuildError> {
+        if self.next as usize >= Self::MAX_DEVICES {
+            return Err(BuildError::TooManyDevices {
+                max: Self::MAX_DEVICES,
+            });
+        }
+        let slot = MmioDeviceArg {
+            base: layout::VIRTIO_MMIO_START + u64::from(self.next) * layout::VIRTIO_MMIO_SIZE,
+            size: layout::VIRTIO_MMIO_SIZE,
+            irq: layout::IRQ_BASE + self.next,
+        };
+        self.next += 1;
+        Ok(slot)
     }
+}
+
+/// The legacy devices and the state they report into.
+struct Legacy {
+    pio: Bus,
+    watch: Arc<ConsoleWatch>,
 }
 
 impl VmBuilder {
@@ -132,286 +148,216 @@ impl VmBuilder {
         });
     }
 
-    fn console_sink(&self, watch: Arc<ConsoleWatch>) -> Result<ConsoleSink, BuildError> {
-        let out: Option<Box<dyn Write + Send>> = match &self.config.console {
-            ConsoleOutput::Sink => None,
-            ConsoleOutput::Stdout => Some(Box::new(std::io::stdout())),
-            ConsoleOutput::File(path) => Some(Box::new(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|source| BuildError::Console {
-                        path: path.clone(),
-                        source,
-                    })?,
-            )),
-        };
-        Ok(ConsoleSink::new(out, watch))
-    }
-
-    /// Builds the VM: every step in order; nothing runs yet.
+    /// Builds the VM: every step in order; nothing runs yet. A failure leaves nothing behind
+    /// (what was created is dropped).
     pub fn build(self) -> Result<Vmm, BuildError> {
-        self.config.validate()?;
-        boot::check_kernel_format(&self.config.kernel)?;
-        let vcpu_count = self.profile.vcpus(self.config.vcpus);
-        if vcpu_count != self.config.vcpus {
-            log::debug!(
-                "host profile: {}; {} vCPUs requested, {vcpu_count} used",
-                self.profile.describe(),
-                self.config.vcpus
-            );
-        }
-        let max_devices = (layout::IRQ_MAX - layout::IRQ_BASE + 1) as usize;
-        if self.devices.len() > max_devices {
-            return Err(BuildError::TooManyDevices { max: max_devices });
-        }
-
-        // 1. VM and memory.
+        let vcpu_count = self.validate()?;
         let vm = Vm::new()?;
-        let mem_bytes = self.config.mem_mib << 20;
-        let mem = memory::create_guest_memory(mem_bytes).map_err(|e| BuildError::Memory {
-            mib: self.config.mem_mib,
-            reason: e.to_string(),
-        })?;
-        vm.register_memory(&mem)?;
-
-        // 2. Interrupt controllers and PIT.
+        let mem = guest_memory(&vm, self.config.mem_mib)?;
         vm.setup_irqchip()?;
-
-        // 3. Event loop and exit notification.
         let exit = Arc::new(ExitNotifier::new()?);
         let mut events = EventLoop::new()?;
-
-        // 4. Legacy devices on the port I/O bus.
-        let watch = Arc::new(ConsoleWatch::default());
-        let mut pio = Bus::new();
-        let com1_irq = IrqLine::new(COM1_IRQ)?;
-        vm.register_irq(&com1_irq)?;
-        let serial = SerialDevice::new(com1_irq, self.console_sink(watch.clone())?);
-        pio.insert(Arc::new(Mutex::new(serial)), COM1_BASE, COM1_LEN)?;
-        pio.insert(
-            Arc::new(Mutex::new(I8042::new(exit.clone()))),
-            I8042_BASE,
-            I8042_LEN,
-        )?;
-
-        // 5. virtio-mmio devices.
-        let mut mmio = Bus::new();
-        let mut device_args = Vec::new();
-        for (i, d) in self.devices.into_iter().enumerate() {
-            let base = layout::VIRTIO_MMIO_START + i as u64 * layout::VIRTIO_MMIO_SIZE;
-            let line = IrqLine::new(layout::IRQ_BASE + i as u32)?;
-            vm.register_irq(&line)?;
-            let interrupt = Arc::new(VirtioInterrupt::new(line));
-            let transport = MmioTransport::new(d.device, mem.clone(), interrupt)?;
-            for (q, evt) in transport.queue_notify_eventfds().iter().enumerate() {
-                let notify =
-                    base + u64::from(virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY);
-                vm.register_mmio_notify(evt, notify, q as u32)?;
-            }
-            mmio.insert(
-                Arc::new(Mutex::new(transport)),
-                base,
-                layout::VIRTIO_MMIO_SIZE,
-            )?;
-            events.add(d.subscriber);
-            device_args.push(MmioDeviceArg {
-                base,
-                size: layout::VIRTIO_MMIO_SIZE,
-                irq: layout::IRQ_BASE + i as u32,
-            });
-        }
-
-        // 6. Kernel, initramfs, command line, boot parameters, MP table.
-        let kernel = boot::load_kernel(&mem, &self.config.kernel)?;
-        let initrd = match &self.config.initrd {
-            Some(path) => Some(boot::load_initrd(&mem, path, kernel.end)?),
-            None => None,
-        };
-        let cmdline = cmdline::build(&self.profile, &device_args, &self.config.cmdline)?;
-        boot::write_boot_data(&mem, &kernel, &cmdline, initrd.as_ref(), vcpu_count)?;
-
-        // 7. vCPUs.
-        vcpu::install_kick_handler()?;
-        let cpuid = vm.supported_cpuid()?;
-        let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
+        let legacy = legacy_devices(&vm, &exit, &self.config.console)?;
+        let (mmio, device_args) = virtio_devices(&vm, &mem, &mut events, self.devices)?;
+        let (kernel, cmdline) =
+            load_boot(&mem, &self.config, &self.profile, &device_args, vcpu_count)?;
         let control = Arc::new(VcpuControl::new());
-        let mut vcpus = Vec::with_capacity(vcpu_count.into());
-        for index in 0..vcpu_count {
-            let fd = vm.create_vcpu(index)?;
-            let mut cpuid = cpuid.clone();
-            regs::patch_cpuid(&mut cpuid, index, vcpu_count);
-            regs::configure_vcpu(&fd, index, &mem, kernel.mode, kernel.entry.0, &cpuid)?;
-            vcpus.push(Vcpu::new(
-                index,
-                fd,
-                pio.clone(),
-                mmio.clone(),
-                exit.clone(),
-                mem.clone(),
-                control.clone(),
-            ));
-        }
-
+        let buses = (Arc::new(legacy.pio), Arc::new(mmio));
+        let vcpus = create_vcpus(&vm, &mem, &kernel, vcpu_count, buses, &exit, &control)?;
         let info = VmInfo {
             vcpus: vcpu_count,
             mem_mib: self.config.mem_mib,
-            cmdline: cmdline
-                .as_cstring()
-                .map(|c| c.to_string_lossy().into_owned())
-                .unwrap_or_default(),
+            cmdline,
             entry: kernel.mode,
         };
         log::debug!("VM built: {info:?}");
-        Ok(Vmm {
+        Ok(Vmm::new(
             vm,
             mem,
             vcpus,
             events,
             exit,
-            watch,
+            legacy.watch,
             control,
             info,
-        })
-    }
-}
-
-impl Vmm {
-    /// What was built.
-    pub fn info(&self) -> &VmInfo {
-        &self.info
+        ))
     }
 
-    /// Starts the event loop and the vCPUs.
-    pub fn start(self) -> Result<RunningVm, BuildError> {
-        let events = self.events.spawn()?;
-        let mut threads = Vec::with_capacity(self.vcpus.len());
-        for v in self.vcpus {
-            match v.spawn() {
-                Ok(t) => threads.push(t),
-                Err(e) => {
-                    let running = RunningVm {
-                        _vm: self.vm,
-                        _mem: self.mem,
-                        threads,
-                        events: Some(events),
-                        exit: self.exit,
-                        watch: self.watch,
-                        control: self.control,
-                    };
-                    running.handle().stop();
-                    running.wait();
-                    return Err(BuildError::Io(e));
-                }
-            }
+    /// Checks the config and the kernel before anything exists; returns the vCPU count the
+    /// host profile allows.
+    fn validate(&self) -> Result<u8, BuildError> {
+        self.config.validate()?;
+        boot::check_kernel_format(&self.config.kernel)?;
+        if self.devices.len() > MmioAllocator::MAX_DEVICES {
+            return Err(BuildError::TooManyDevices {
+                max: MmioAllocator::MAX_DEVICES,
+            });
         }
-        Ok(RunningVm {
-            _vm: self.vm,
-            _mem: self.mem,
-            threads,
-            events: Some(events),
-            exit: self.exit,
-            watch: self.watch,
-            control: self.control,
-        })
+        let vcpus = self.profile.vcpus(self.config.vcpus);
+        if vcpus != self.config.vcpus {
+            log::debug!(
+                "host profile: {}; {} vCPUs requested, {vcpus} used",
+                self.profile.describe(),
+                self.config.vcpus
+            );
+        }
+        Ok(vcpus)
     }
 }
 
-/// Controls a running VM from any thread.
-#[derive(Clone, Debug)]
-pub struct VmHandle {
-    exit: Arc<ExitNotifier>,
-    control: Arc<VcpuControl>,
-    vcpus: usize,
+/// Step 1: guest RAM, allocated and registered with KVM.
+fn guest_memory(vm: &Vm, mib: u64) -> Result<GuestMemory, BuildError> {
+    let mem = memory::create_guest_memory(mib << 20).map_err(|e| BuildError::Memory {
+        mib,
+        reason: e.to_string(),
+    })?;
+    vm.register_memory(&mem)?;
+    Ok(mem)
 }
 
-impl VmHandle {
-    /// Ends the VM ([`VmExit::Stopped`] unless it already ended otherwise).
-    pub fn stop(&self) {
-        self.exit.report(VmExit::Stopped);
-    }
-
-    /// Stops all vCPUs (the guest's clock keeps running). Returns when they are parked.
-    pub fn pause(&self) {
-        self.control.pause(self.vcpus);
-    }
-
-    /// Lets paused vCPUs run again.
-    pub fn resume(&self) {
-        self.control.set(RunState::Running);
-    }
-
-    /// Waits up to `timeout` (forever with None) for the VM to end; returns the raw reason.
-    pub fn wait_ended(&self, timeout: Option<std::time::Duration>) -> Option<VmExit> {
-        self.exit.wait_timeout(timeout)
-    }
-}
-
-/// A running VM.
-#[derive(Debug)]
-pub struct RunningVm {
-    _vm: Vm,
-    _mem: GuestMemory,
-    threads: Vec<VcpuThread>,
-    events: Option<EventLoopThread>,
-    exit: Arc<ExitNotifier>,
+fn console_sink(
+    console: &ConsoleOutput,
     watch: Arc<ConsoleWatch>,
-    control: Arc<VcpuControl>,
+) -> Result<ConsoleSink, BuildError> {
+    let out: Option<Box<dyn Write + Send>> = match console {
+        ConsoleOutput::Sink => None,
+        ConsoleOutput::Stdout => Some(Box::new(std::io::stdout())),
+        ConsoleOutput::File(path) => Some(Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| BuildError::Console {
+                    path: path.clone(),
+                    source,
+                })?,
+        )),
+    };
+    Ok(ConsoleSink::new(out, watch))
 }
 
-impl RunningVm {
-    /// A handle to stop, pause or resume the VM.
-    pub fn handle(&self) -> VmHandle {
-        VmHandle {
-            exit: self.exit.clone(),
-            control: self.control.clone(),
-            vcpus: self.threads.len(),
-        }
-    }
-
-    /// Whether the VM has ended (or is ending), waiting up to `timeout` for it.
-    pub fn ended_within(&self, timeout: std::time::Duration) -> bool {
-        self.exit.wait_timeout(Some(timeout)).is_some()
-    }
-
-    /// A descriptor that becomes readable when the VM ends (for `poll` with other fds).
-    pub fn exit_fd(&self) -> std::os::fd::RawFd {
-        std::os::fd::AsRawFd::as_raw_fd(self.exit.eventfd())
-    }
-
-    /// Waits until the VM ends, stops every thread and returns why it ended.
-    pub fn wait(mut self) -> VmExit {
-        let raw = self.exit.wait();
-        self.control.set(RunState::Stopping);
-        let threads = std::mem::take(&mut self.threads);
-        while threads.iter().any(|t| !t.is_finished()) {
-            self.control.kick_all();
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-        for t in threads {
-            t.join();
-        }
-        if let Some(events) = self.events.take() {
-            events.stop();
-        }
-        classify(raw, &self.watch)
-    }
+/// Step 3: the port I/O bus with the 8250 UART (IRQ 4 through an irqfd) and the i8042,
+/// whose reset line ends the VM.
+fn legacy_devices(
+    vm: &Vm,
+    exit: &Arc<ExitNotifier>,
+    console: &ConsoleOutput,
+) -> Result<Legacy, BuildError> {
+    let watch = Arc::new(ConsoleWatch::default());
+    let mut pio = Bus::new();
+    let com1_irq = IrqLine::new(COM1_IRQ)?;
+    vm.register_irq(&com1_irq)?;
+    let serial = SerialDevice::new(com1_irq, console_sink(console, watch.clone())?);
+    pio.insert(Arc::new(Mutex::new(serial)), COM1_BASE, COM1_LEN)?;
+    let i8042 = I8042::new(exit.clone());
+    pio.insert(Arc::new(Mutex::new(i8042)), I8042_BASE, I8042_LEN)?;
+    Ok(Legacy { pio, watch })
 }
 
-/// Refines a raw exit with what the console showed: a reset after a power-off message is
-/// a power-off; a reset or triple fault after a panic line is a panic.
-fn classify(raw: VmExit, watch: &ConsoleWatch) -> VmExit {
-    match raw {
-        VmExit::Reset | VmExit::TripleFault { .. } | VmExit::Panic { .. }
-            if watch.powered_off() =>
-        {
-            VmExit::PowerOff
+/// Step 4: every virtio device behind its MMIO transport, with its interrupt line, its
+/// queue-notify ioeventfds and its event-loop subscription. Returns the MMIO bus and what
+/// the kernel command line must declare.
+fn virtio_devices(
+    vm: &Vm,
+    mem: &GuestMemory,
+    events: &mut EventLoop,
+    devices: Vec<PendingDevice>,
+) -> Result<(Bus, Vec<MmioDeviceArg>), BuildError> {
+    let mut alloc = MmioAllocator::default();
+    let mut mmio = Bus::new();
+    let mut args = Vec::with_capacity(devices.len());
+    for d in devices {
+        let slot = alloc.allocate()?;
+        let line = IrqLine::new(slot.irq)?;
+        vm.register_irq(&line)?;
+        let interrupt = Arc::new(VirtioInterrupt::new(line));
+        let transport = MmioTransport::new(d.device, mem.clone(), interrupt)?;
+        let notify = slot.base + u64::from(virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY);
+        for (q, evt) in transport.queue_notify_eventfds().iter().enumerate() {
+            vm.register_mmio_notify(evt, notify, q as u32)?;
         }
-        VmExit::Reset | VmExit::TripleFault { .. } => match watch.panic_message() {
-            Some(message) => VmExit::Panic { message },
-            None => raw,
-        },
-        other => other,
+        mmio.insert(Arc::new(Mutex::new(transport)), slot.base, slot.size)?;
+        events.add(d.subscriber);
+        args.push(slot);
+    }
+    Ok((mmio, args))
+}
+
+/// Step 5: kernel, initramfs, command line, boot parameters and MP table in guest memory.
+/// Returns the loaded kernel and the command line as the guest sees it.
+fn load_boot(
+    mem: &GuestMemory,
+    config: &VmConfig,
+    profile: &HostProfile,
+    devices: &[MmioDeviceArg],
+    vcpus: u8,
+) -> Result<(LoadedKernel, String), BuildError> {
+    let kernel = boot::load_kernel(mem, &config.kernel)?;
+    let initrd = match &config.initrd {
+        Some(path) => Some(boot::load_initrd(mem, path, kernel.end)?),
+        None => None,
+    };
+    let cmdline = cmdline::build(profile, devices, &config.cmdline)?;
+    boot::write_boot_data(mem, &kernel, &cmdline, initrd.as_ref(), vcpus)?;
+    let text = cmdline
+        .as_cstring()
+        .map(|c| c.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok((kernel, text))
+}
+
+/// Step 6: the vCPUs, with per-vCPU CPUID and the registers of the kernel's entry mode.
+fn create_vcpus(
+    vm: &Vm,
+    mem: &GuestMemory,
+    kernel: &LoadedKernel,
+    count: u8,
+    (pio, mmio): (Arc<Bus>, Arc<Bus>),
+    exit: &Arc<ExitNotifier>,
+    control: &Arc<VcpuControl>,
+) -> Result<Vec<Vcpu>, BuildError> {
+    vcpu::install_kick_handler()?;
+    let cpuid = vm.supported_cpuid()?;
+    let mut vcpus = Vec::with_capacity(count.into());
+    for index in 0..count {
+        let fd = vm.create_vcpu(index)?;
+        let mut cpuid = cpuid.clone();
+        regs::patch_cpuid(&mut cpuid, index, count);
+        regs::configure_vcpu(&fd, index, mem, kernel.mode, kernel.entry.0, &cpuid)?;
+        vcpus.push(Vcpu::new(
+            index,
+            fd,
+            pio.clone(),
+            mmio.clone(),
+            exit.clone(),
+            mem.clone(),
+            control.clone(),
+        ));
+    }
+    Ok(vcpus)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_allocator_hands_out_distinct_windows_and_lines_until_they_run_out() {
+        let mut a = MmioAllocator::default();
+        let first = a.allocate().unwrap();
+        let second = a.allocate().unwrap();
+        assert_eq!(first.base, layout::VIRTIO_MMIO_START);
+        assert_eq!(second.base, first.base + layout::VIRTIO_MMIO_SIZE);
+        assert_eq!(
+            (first.irq, second.irq),
+            (layout::IRQ_BASE, layout::IRQ_BASE + 1)
+        );
+        for _ in 2..MmioAllocator::MAX_DEVICES {
+            a.allocate().unwrap();
+        }
+        assert!(matches!(
+            a.allocate(),
+            Err(BuildError::TooManyDevices { .. })
+        ));
     }
 }

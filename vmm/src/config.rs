@@ -128,13 +128,9 @@ pub fn parse_mem_mib(text: &str) -> Result<u64, ConfigError> {
 
 /// Total host memory in MiB (an upper bound for one guest).
 pub fn host_memory_mib() -> u64 {
-    // SAFETY: sysinfo only writes into the zeroed struct we pass.
-    let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
-    // SAFETY: `info` is a valid, writable sysinfo struct.
-    if unsafe { libc::sysinfo(&mut info) } != 0 {
-        return u64::MAX;
-    }
-    (info.totalram as u64).saturating_mul(info.mem_unit as u64) >> 20
+    nix::sys::sysinfo::sysinfo()
+        .map(|i| i.ram_total() >> 20)
+        .unwrap_or(u64::MAX)
 }
 
 /// Errors in a [`VmConfig`].

@@ -130,24 +130,30 @@ impl ExitNotifier {
             if let Some(exit) = self.peek() {
                 return Some(exit);
             }
-            let ms = match deadline {
-                None => -1,
+            let timeout = match deadline {
+                None => nix::poll::PollTimeout::NONE,
                 Some(d) => {
                     let left = d.saturating_duration_since(std::time::Instant::now());
                     if left.is_zero() {
                         return None;
                     }
-                    left.as_millis().min(i32::MAX as u128) as i32
+                    nix::poll::PollTimeout::try_from(left).unwrap_or(nix::poll::PollTimeout::MAX)
                 }
             };
-            let mut pfd = libc::pollfd {
-                fd: std::os::fd::AsRawFd::as_raw_fd(&self.evt),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: `pfd` is a valid pollfd for the duration of the call.
-            unsafe { libc::poll(&mut pfd, 1, ms) };
+            let mut fds = [nix::poll::PollFd::new(
+                std::os::fd::AsFd::as_fd(self),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            // EINTR and the like: the loop checks again.
+            let _ = nix::poll::poll(&mut fds, timeout);
         }
+    }
+}
+
+impl std::os::fd::AsFd for ExitNotifier {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        // SAFETY: the eventfd stays open as long as the notifier that owns it.
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(std::os::fd::AsRawFd::as_raw_fd(&self.evt)) }
     }
 }
 

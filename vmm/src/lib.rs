@@ -13,13 +13,14 @@ pub mod devices;
 pub mod event_loop;
 pub mod exit;
 pub mod host_profile;
-pub mod initramfs;
 pub mod memory;
+pub mod running;
 pub mod unix_path;
 pub mod vcpu;
 pub mod vm;
 
-pub use builder::{BuildError, RunningVm, VmBuilder, VmHandle, VmInfo, Vmm};
+pub use builder::{BuildError, MmioAllocator, VmBuilder, VmInfo};
 pub use config::{ConsoleOutput, VmConfig};
 pub use exit::VmExit;
 pub use host_profile::{HostKind, HostProfile};
+pub use running::{RunningVm, VmHandle, Vmm};

@@ -1,12 +1,19 @@
 //! vCPU threads. Each runs `KVM_RUN` in a loop and routes exits through the port I/O and
 //! MMIO buses; exits that end the VM go to the exit notifier. A shared `VcpuControl` moves
-//! all vCPUs between running, paused and stopping; a real-time signal kicks a thread out of
-//! `KVM_RUN` so it notices.
+//! all vCPUs between running, paused and stopping.
+//!
+//! Kicking a vCPU: a real-time signal whose handler sets `immediate_exit` in the thread's
+//! own `kvm_run`. A vCPU inside `KVM_RUN` returns at once (EINTR); one that is between its
+//! state check and `KVM_RUN` enters it with `immediate_exit` set and returns at once too,
+//! so one kick always suffices: no re-kick timer, no spinning.
 
+use std::cell::Cell;
 use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
 
+use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use nix::sys::pthread::{pthread_self, Pthread};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
@@ -16,6 +23,11 @@ use crate::memory::GuestMemory;
 
 /// Offset from SIGRTMIN of the signal that interrupts `KVM_RUN`.
 const KICK_SIGNAL_OFFSET: i32 = 0;
+
+thread_local! {
+    /// This thread's `kvm_run` (null on threads that are not vCPUs).
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
 
 /// What the vCPUs should be doing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,7 +49,7 @@ pub struct VcpuControl {
 struct ControlInner {
     state: RunState,
     parked: usize,
-    threads: Vec<libc::pthread_t>,
+    threads: Vec<Pthread>,
 }
 
 impl VcpuControl {
@@ -68,49 +80,38 @@ impl VcpuControl {
         self.changed.notify_all();
     }
 
-    /// Requests a pause and waits until `n` vCPUs are parked (or the VM stops).
-    pub fn pause(&self, n: usize) {
+    /// Requests a pause and waits until every running vCPU is parked (or the VM stops).
+    pub fn pause(&self) {
         self.set(RunState::Paused);
         let mut s = lock(&self.inner);
-        while s.parked < n && s.state == RunState::Paused {
-            // A vCPU between its checkpoint and KVM_RUN misses a kick: repeat it.
-            Self::kick(&s);
-            s = self
-                .changed
-                .wait_timeout(s, std::time::Duration::from_millis(10))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+        while s.parked < s.threads.len() && s.state == RunState::Paused {
+            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
         }
     }
 
-    /// Kicks every registered vCPU thread; returns how many are still registered.
-    pub fn kick_all(&self) -> usize {
-        let s = lock(&self.inner);
-        Self::kick(&s);
-        s.threads.len()
-    }
-
     fn kick(s: &ControlInner) {
-        for t in &s.threads {
-            // SAFETY: threads deregister under this lock before they exit, so `t` names
-            // a live thread; the kick signal has an empty handler.
-            unsafe { libc::pthread_kill(*t, SIGRTMIN() + KICK_SIGNAL_OFFSET) };
+        let kick = SIGRTMIN() + KICK_SIGNAL_OFFSET;
+        for &t in &s.threads {
+            // Threads deregister under this lock before they exit, so `t` names a live
+            // thread; the handler only sets that thread's immediate_exit.
+            // SAFETY: pthread_kill with a real-time signal number nix has no name for.
+            let r = unsafe { libc::pthread_kill(t, kick) };
+            if r != 0 {
+                log::debug!("kicking vCPU thread: error {r}");
+            }
         }
     }
 
     fn register_current(&self) {
-        // SAFETY: pthread_self has no preconditions.
-        let me = unsafe { libc::pthread_self() };
-        lock(&self.inner).threads.push(me);
+        lock(&self.inner).threads.push(pthread_self());
     }
 
     fn unregister_current(&self) {
-        // SAFETY: pthread_self has no preconditions.
-        let me = unsafe { libc::pthread_self() };
-        // SAFETY: comparing thread ids has no preconditions.
-        lock(&self.inner)
-            .threads
-            .retain(|t| unsafe { libc::pthread_equal(*t, me) } == 0);
+        let me = pthread_self();
+        let mut s = lock(&self.inner);
+        s.threads.retain(|t| *t != me);
+        // A pause waiting for this vCPU to park must not wait for it any more.
+        self.changed.notify_all();
     }
 
     /// Called by a vCPU thread between runs: parks while paused; returns false to stop.
@@ -134,10 +135,17 @@ impl Default for VcpuControl {
     }
 }
 
-extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = KVM_RUN.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: a vCPU thread stores its own mapped kvm_run here before it can be kicked
+        // and clears it before the mapping goes away; this handler runs on that thread.
+        unsafe { (*run).immediate_exit = 1 };
+    }
+}
 
-/// Installs the (empty) handler of the kick signal, once per process. Without SA_RESTART,
-/// a signal delivered during `KVM_RUN` makes it return EINTR.
+/// Installs the handler of the kick signal, once per process. Without SA_RESTART, a signal
+/// delivered during `KVM_RUN` makes it return EINTR.
 pub fn install_kick_handler() -> std::io::Result<()> {
     static ONCE: Once = Once::new();
     let mut result = Ok(());
@@ -220,6 +228,8 @@ impl Vcpu {
     }
 
     fn run(mut self) {
+        let run: *mut kvm_run = self.fd.get_kvm_run();
+        KVM_RUN.with(|r| r.set(run));
         self.control.register_current();
         while self.control.checkpoint() {
             if let Some(exit) = self.run_once() {
@@ -228,6 +238,8 @@ impl Vcpu {
             }
         }
         self.control.unregister_current();
+        // No kick reaches this thread any more (it is unregistered).
+        KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
     }
 
     /// One `KVM_RUN`; returns the VM's end when this exit is one.
@@ -288,7 +300,11 @@ impl Vcpu {
                     None
                 }
             },
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // A kick: take it, then the caller checks the requested state.
+                self.fd.set_kvm_immediate_exit(0);
+                None
+            }
             Err(e) => Some(VmExit::VcpuError {
                 vcpu: index,
                 message: format!("KVM_RUN: {e}"),
@@ -330,19 +346,33 @@ mod tests {
 
     #[test]
     fn pause_parks_and_resume_releases() {
+        install_kick_handler().unwrap();
         let c = Arc::new(VcpuControl::new());
-        let c2 = c.clone();
-        let c3 = c.clone();
+        let (c2, c3) = (c.clone(), c.clone());
+        let (registered_tx, registered) = std::sync::mpsc::channel();
+        // A stand-in vCPU: registered (it gets kicks), parks at its checkpoint.
         let t = std::thread::spawn(move || {
+            c2.register_current();
+            registered_tx.send(()).unwrap();
             while c2.state() == RunState::Running {
                 std::thread::yield_now();
             }
-            c2.checkpoint()
+            let go_on = c2.checkpoint();
+            c2.unregister_current();
+            go_on
         });
-        std::thread::spawn(move || c3.pause(1)).join().unwrap();
+        registered.recv().unwrap();
+        std::thread::spawn(move || c3.pause()).join().unwrap();
+        assert_eq!(
+            lock(&c.inner).parked,
+            1,
+            "pause returns once the vCPU parked"
+        );
         assert!(!t.is_finished());
         c.set(RunState::Running);
         assert!(t.join().unwrap());
+        // With no vCPU left, a pause does not wait.
+        c.pause();
         c.set(RunState::Stopping);
         assert!(!c.checkpoint());
         c.set(RunState::Running);

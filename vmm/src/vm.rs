@@ -1,8 +1,6 @@
 //! The KVM virtual machine: `/dev/kvm`, the VM file descriptor, guest memory slots, the
 //! in-kernel interrupt controllers and PIT, and the eventfd wiring (irqfd, ioeventfd).
 
-use std::os::fd::AsRawFd;
-
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
     KVM_PIT_SPEAKER_DUMMY,
@@ -145,10 +143,5 @@ impl Vm {
         self.fd
             .create_vcpu(id.into())
             .map_err(kvm_err("KVM_CREATE_VCPU"))
-    }
-
-    /// The VM file descriptor number (for diagnostics).
-    pub fn raw_fd(&self) -> i32 {
-        self.fd.as_raw_fd()
     }
 }

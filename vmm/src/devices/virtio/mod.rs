@@ -3,6 +3,7 @@
 //! interrupts the guest. Device models live in submodules; their host-side backends live
 //! apart from them.
 
+pub mod activation;
 pub mod fs;
 pub mod mmio;
 pub mod vsock;

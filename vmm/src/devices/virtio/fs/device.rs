@@ -9,17 +9,15 @@ use fuse_backend_rs::api::filesystem::FileSystem;
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 use virtio_queue::{Queue, QueueT};
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::EventFd;
 
 use super::{FS_DEVICE_ID, TAG_LEN};
+use crate::devices::virtio::activation::{Activation, DeviceEvent};
 use crate::devices::virtio::{ActivateError, VirtioDevice, VirtioInterrupt, VirtioQueue};
 use crate::memory::GuestMemory;
 
-const HIPRIO_QUEUE: usize = 0;
+/// Queue 0 is the high-priority queue (FORGET, INTERRUPT), queue 1 the request queue;
+/// both are served the same way.
 const QUEUE_SIZES: [u16; 2] = [128, 256];
-const TOKEN_ACTIVATE: u32 = 0;
-const TOKEN_QUEUE_BASE: u32 = 10;
 
 /// Errors creating the device.
 #[derive(Debug, thiserror::Error)]
@@ -30,18 +28,11 @@ pub enum FsDeviceError {
     EventFd(#[source] std::io::Error),
 }
 
-struct Active {
-    mem: GuestMemory,
-    interrupt: Arc<VirtioInterrupt>,
-    queues: Vec<VirtioQueue>,
-}
-
 /// A virtio-fs device serving `F`.
 pub struct VirtioFs<F: FileSystem + Sync> {
     tag: [u8; TAG_LEN],
     server: Arc<Server<F>>,
-    active: Option<Active>,
-    activate_evt: EventFd,
+    activation: Activation,
     requests: u64,
 }
 
@@ -52,7 +43,7 @@ impl<F: FileSystem + Sync> std::fmt::Debug for VirtioFs<F> {
                 "tag",
                 &String::from_utf8_lossy(&self.tag).trim_end_matches('\0'),
             )
-            .field("active", &self.active.is_some())
+            .field("active", &self.activation.is_active())
             .field("requests", &self.requests)
             .finish()
     }
@@ -69,8 +60,7 @@ impl<F: FileSystem + Sync> VirtioFs<F> {
         Ok(VirtioFs {
             tag: t,
             server,
-            active: None,
-            activate_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(FsDeviceError::EventFd)?,
+            activation: Activation::new("virtio-fs").map_err(FsDeviceError::EventFd)?,
             requests: 0,
         })
     }
@@ -82,7 +72,7 @@ impl<F: FileSystem + Sync> VirtioFs<F> {
 
     /// Serves every request pending on queue `index`. Returns how many were served.
     pub fn process_queue(&mut self, index: usize) -> usize {
-        let Some(a) = self.active.as_mut() else {
+        let Some(a) = self.activation.active() else {
             return 0;
         };
         let mem = &a.mem;
@@ -118,10 +108,7 @@ impl<F: FileSystem + Sync> VirtioFs<F> {
         }
         self.requests += served as u64;
         if served > 0 {
-            match q.needs_notification(mem) {
-                Ok(false) => {}
-                _ => a.interrupt.signal_used_queue(),
-            }
+            a.signal_used(index);
         }
         served
     }
@@ -154,50 +141,23 @@ impl<F: FileSystem + Sync + Send> VirtioDevice for VirtioFs<F> {
         interrupt: Arc<VirtioInterrupt>,
         queues: Vec<VirtioQueue>,
     ) -> Result<(), ActivateError> {
-        crate::devices::virtio::check_queue_count(&queues, QUEUE_SIZES.len())?;
-        self.active = Some(Active {
-            mem,
-            interrupt,
-            queues,
-        });
-        self.activate_evt
-            .write(1)
-            .map_err(|e| ActivateError::Backend(format!("activate eventfd: {e}")))
+        self.activation
+            .activate(mem, interrupt, queues, QUEUE_SIZES.len())
     }
 }
 
 impl<F: FileSystem + Sync + Send> MutEventSubscriber for VirtioFs<F> {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        match events.data() {
-            TOKEN_ACTIVATE => {
-                let _ = self.activate_evt.read();
-                if let Some(a) = &self.active {
-                    for (i, q) in a.queues.iter().enumerate() {
-                        let ev =
-                            Events::with_data(&q.notify, TOKEN_QUEUE_BASE + i as u32, EventSet::IN);
-                        if let Err(e) = ops.add(ev) {
-                            log::error!("virtio-fs: registering queue {i}: {e:?}");
-                        }
-                    }
-                }
-            }
-            t if t >= TOKEN_QUEUE_BASE => {
-                let index = (t - TOKEN_QUEUE_BASE) as usize;
-                if let Some(a) = &self.active {
-                    let _ = a.queues[index].notify.read();
-                }
-                // The high-priority queue carries FORGET/INTERRUPT: served the same way.
-                let _ = HIPRIO_QUEUE;
+        match self.activation.handle(&events, ops) {
+            DeviceEvent::Activated => {}
+            DeviceEvent::Queue(index) if index < QUEUE_SIZES.len() => {
                 self.process_queue(index);
             }
-            other => log::warn!("virtio-fs: event for unknown token {other}"),
+            other => log::warn!("virtio-fs: unexpected event {other:?}"),
         }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        let activate = Events::with_data(&self.activate_evt, TOKEN_ACTIVATE, EventSet::IN);
-        if let Err(e) = ops.add(activate) {
-            log::error!("virtio-fs: registering activate eventfd: {e:?}");
-        }
+        self.activation.init(ops);
     }
 }

@@ -6,12 +6,12 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{QueueOwnedT, QueueT};
 use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::EventFd;
 
 use super::{VsockBackend, VsockError, MAX_PKT_DATA, VSOCK_DEVICE_ID};
+use crate::devices::virtio::activation::{Activation, DeviceEvent, TOKEN_DEVICE_BASE};
 use crate::devices::virtio::{ActivateError, VirtioDevice, VirtioInterrupt, VirtioQueue};
 use crate::memory::GuestMemory;
 
@@ -20,30 +20,21 @@ const TXQ: usize = 1;
 const EVQ: usize = 2;
 const QUEUE_SIZES: [u16; 3] = [256, 256, 16];
 
-// Event-loop tokens (the `data` of each registered event).
-const TOKEN_ACTIVATE: u32 = 0;
-const TOKEN_BACKEND: u32 = 1;
-const TOKEN_QUEUE_BASE: u32 = 10;
-
-struct Active {
-    mem: GuestMemory,
-    interrupt: Arc<VirtioInterrupt>,
-    queues: Vec<VirtioQueue>,
-}
+/// Event-loop token of the backend's descriptor.
+const TOKEN_BACKEND: u32 = TOKEN_DEVICE_BASE;
 
 /// A vsock device with backend `B`.
 pub struct Vsock<B: VsockBackend> {
     cid: u64,
     backend: B,
-    active: Option<Active>,
-    activate_evt: EventFd,
+    activation: Activation,
 }
 
 impl<B: VsockBackend> std::fmt::Debug for Vsock<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Vsock")
             .field("cid", &self.cid)
-            .field("active", &self.active.is_some())
+            .field("active", &self.activation.is_active())
             .finish()
     }
 }
@@ -54,8 +45,7 @@ impl<B: VsockBackend> Vsock<B> {
         Ok(Vsock {
             cid,
             backend,
-            active: None,
-            activate_evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            activation: Activation::new("vsock")?,
         })
     }
 
@@ -66,7 +56,7 @@ impl<B: VsockBackend> Vsock<B> {
 
     /// Moves guest packets from the TX queue to the backend. Returns whether any moved.
     pub fn process_tx(&mut self) -> bool {
-        let Some(a) = self.active.as_mut() else {
+        let Some(a) = self.activation.active() else {
             return false;
         };
         let q = &mut a.queues[TXQ].queue;
@@ -83,14 +73,14 @@ impl<B: VsockBackend> Vsock<B> {
             used = true;
         }
         if used {
-            signal_if_needed(q, &a.mem, &a.interrupt);
+            a.signal_used(TXQ);
         }
         used
     }
 
     /// Fills guest RX buffers with what the backend has. Returns whether any was filled.
     pub fn process_rx(&mut self) -> bool {
-        let Some(a) = self.active.as_mut() else {
+        let Some(a) = self.activation.active() else {
             return false;
         };
         let q = &mut a.queues[RXQ].queue;
@@ -123,7 +113,7 @@ impl<B: VsockBackend> Vsock<B> {
             used = true;
         }
         if used {
-            signal_if_needed(q, &a.mem, &a.interrupt);
+            a.signal_used(RXQ);
         }
         used
     }
@@ -133,28 +123,6 @@ impl<B: VsockBackend> Vsock<B> {
         self.backend.notify(events);
         self.process_tx();
         self.process_rx();
-    }
-
-    fn register_queues(&self, ops: &mut EventOps) {
-        if let Some(a) = &self.active {
-            for (i, q) in a.queues.iter().enumerate() {
-                let ev = Events::with_data(&q.notify, TOKEN_QUEUE_BASE + i as u32, EventSet::IN);
-                if let Err(e) = ops.add(ev) {
-                    log::error!("vsock: registering queue {i}: {e:?}");
-                }
-            }
-        }
-    }
-}
-
-fn signal_if_needed(q: &mut Queue, mem: &GuestMemory, interrupt: &VirtioInterrupt) {
-    match q.needs_notification(mem) {
-        Ok(true) => interrupt.signal_used_queue(),
-        Ok(false) => {}
-        Err(e) => {
-            log::error!("vsock: needs_notification: {e:?}");
-            interrupt.signal_used_queue();
-        }
     }
 }
 
@@ -183,56 +151,31 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
         interrupt: Arc<VirtioInterrupt>,
         queues: Vec<VirtioQueue>,
     ) -> Result<(), ActivateError> {
-        crate::devices::virtio::check_queue_count(&queues, QUEUE_SIZES.len())?;
-        self.active = Some(Active {
-            mem,
-            interrupt,
-            queues,
-        });
-        // The event loop registers the queue eventfds when it sees this.
-        self.activate_evt
-            .write(1)
-            .map_err(|e| ActivateError::Backend(format!("activate eventfd: {e}")))
+        self.activation
+            .activate(mem, interrupt, queues, QUEUE_SIZES.len())
     }
 }
 
 impl<B: VsockBackend> MutEventSubscriber for Vsock<B> {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        match events.data() {
-            TOKEN_ACTIVATE => {
-                let _ = self.activate_evt.read();
-                self.register_queues(ops);
-                // Host connections may have queued packets before the driver was up.
+        match self.activation.handle(&events, ops) {
+            // Host connections may have queued packets before the driver was up.
+            DeviceEvent::Activated | DeviceEvent::Queue(RXQ) => {
                 self.process_rx();
             }
-            TOKEN_BACKEND => self.handle_backend_event(events.event_set()),
-            t if t >= TOKEN_QUEUE_BASE => {
-                let index = (t - TOKEN_QUEUE_BASE) as usize;
-                if let Some(a) = &self.active {
-                    let _ = a.queues[index].notify.read();
-                }
-                match index {
-                    RXQ => {
-                        self.process_rx();
-                    }
-                    TXQ => {
-                        // Answers to TX packets (RESPONSE, RST, credit) go out right away.
-                        self.process_tx();
-                        self.process_rx();
-                    }
-                    EVQ => {}
-                    _ => {}
-                }
+            DeviceEvent::Queue(TXQ) => {
+                // Answers to TX packets (RESPONSE, RST, credit) go out right away.
+                self.process_tx();
+                self.process_rx();
             }
-            other => log::warn!("vsock: event for unknown token {other}"),
+            DeviceEvent::Queue(EVQ) => {}
+            DeviceEvent::Device(TOKEN_BACKEND) => self.handle_backend_event(events.event_set()),
+            other => log::warn!("vsock: unexpected event {other:?}"),
         }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        let activate = Events::with_data(&self.activate_evt, TOKEN_ACTIVATE, EventSet::IN);
-        if let Err(e) = ops.add(activate) {
-            log::error!("vsock: registering activate eventfd: {e:?}");
-        }
+        self.activation.init(ops);
         let backend = Events::with_data_raw(
             self.backend.as_raw_fd(),
             TOKEN_BACKEND,

@@ -102,6 +102,43 @@ impl Initramfs {
     }
 }
 
+/// Errors writing the agent initramfs.
+#[derive(Debug, thiserror::Error)]
+pub enum InitramfsError {
+    #[error("reading agent {path}: {source}")]
+    Agent {
+        path: std::path::PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("writing {path}: {source}")]
+    Write {
+        path: std::path::PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Writes the initramfs that boots the agent: the base layout and the agent as `/init`.
+/// The file appears atomically (temp file + rename).
+pub fn write_agent_initramfs(agent: &Path, output: &Path) -> Result<(), InitramfsError> {
+    let mut image = Initramfs::new();
+    image
+        .base_layout()
+        .file_from("init", 0o755, agent)
+        .map_err(|source| InitramfsError::Agent {
+            path: agent.to_path_buf(),
+            source,
+        })?;
+    let tmp = output.with_extension("tmp");
+    let write_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| InitramfsError::Write { path, source }
+    };
+    std::fs::write(&tmp, image.to_bytes()).map_err(write_err(&tmp))?;
+    std::fs::rename(&tmp, output).map_err(write_err(output))
+}
+
 fn pad4(n: usize) -> usize {
     (4 - n % 4) % 4
 }

@@ -1,0 +1,184 @@
+//! A built VM and its life: `Vmm::start` spawns the event loop and one thread per vCPU;
+//! `VmHandle` stops, pauses and resumes it from any thread; `RunningVm::wait` blocks until
+//! it ends, joins every thread and says why it ended.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::builder::{BuildError, VmInfo};
+use crate::devices::serial::ConsoleWatch;
+use crate::event_loop::{EventLoop, EventLoopThread};
+use crate::exit::{ExitNotifier, VmExit};
+use crate::memory::GuestMemory;
+use crate::vcpu::{RunState, Vcpu, VcpuControl, VcpuThread};
+use crate::vm::Vm;
+
+/// A built VM, not yet running.
+pub struct Vmm {
+    vm: Vm,
+    mem: GuestMemory,
+    vcpus: Vec<Vcpu>,
+    events: EventLoop,
+    exit: Arc<ExitNotifier>,
+    watch: Arc<ConsoleWatch>,
+    control: Arc<VcpuControl>,
+    info: VmInfo,
+}
+
+impl std::fmt::Debug for Vmm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vmm")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Vmm {
+    /// Assembles the parts the builder made (see `builder`).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        vm: Vm,
+        mem: GuestMemory,
+        vcpus: Vec<Vcpu>,
+        events: EventLoop,
+        exit: Arc<ExitNotifier>,
+        watch: Arc<ConsoleWatch>,
+        control: Arc<VcpuControl>,
+        info: VmInfo,
+    ) -> Self {
+        Vmm {
+            vm,
+            mem,
+            vcpus,
+            events,
+            exit,
+            watch,
+            control,
+            info,
+        }
+    }
+
+    /// What was built.
+    pub fn info(&self) -> &VmInfo {
+        &self.info
+    }
+
+    /// Starts the event loop and the vCPUs. If a vCPU thread cannot start, the VM is
+    /// stopped and its threads joined before the error returns.
+    pub fn start(self) -> Result<RunningVm, BuildError> {
+        let events = self.events.spawn()?;
+        let mut running = RunningVm {
+            _vm: self.vm,
+            _mem: self.mem,
+            threads: Vec::with_capacity(self.vcpus.len()),
+            events: Some(events),
+            exit: self.exit,
+            watch: self.watch,
+            control: self.control,
+        };
+        for v in self.vcpus {
+            match v.spawn() {
+                Ok(t) => running.threads.push(t),
+                Err(e) => {
+                    running.handle().stop();
+                    running.wait();
+                    return Err(BuildError::Io(e));
+                }
+            }
+        }
+        Ok(running)
+    }
+}
+
+/// Controls a running VM from any thread.
+#[derive(Clone, Debug)]
+pub struct VmHandle {
+    exit: Arc<ExitNotifier>,
+    control: Arc<VcpuControl>,
+}
+
+impl VmHandle {
+    /// Ends the VM ([`VmExit::Stopped`] unless it already ended otherwise).
+    pub fn stop(&self) {
+        self.exit.report(VmExit::Stopped);
+    }
+
+    /// Stops all vCPUs (the guest's clock keeps running). Returns when they are parked.
+    pub fn pause(&self) {
+        self.control.pause();
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&self) {
+        self.control.set(RunState::Running);
+    }
+
+    /// Waits up to `timeout` (forever with None) for the VM to end; returns the raw reason.
+    pub fn wait_ended(&self, timeout: Option<Duration>) -> Option<VmExit> {
+        self.exit.wait_timeout(timeout)
+    }
+}
+
+/// A running VM.
+#[derive(Debug)]
+pub struct RunningVm {
+    _vm: Vm,
+    _mem: GuestMemory,
+    threads: Vec<VcpuThread>,
+    events: Option<EventLoopThread>,
+    exit: Arc<ExitNotifier>,
+    watch: Arc<ConsoleWatch>,
+    control: Arc<VcpuControl>,
+}
+
+impl RunningVm {
+    /// A handle to stop, pause or resume the VM.
+    pub fn handle(&self) -> VmHandle {
+        VmHandle {
+            exit: self.exit.clone(),
+            control: self.control.clone(),
+        }
+    }
+
+    /// Whether the VM has ended (or is ending), waiting up to `timeout` for it.
+    pub fn ended_within(&self, timeout: Duration) -> bool {
+        self.exit.wait_timeout(Some(timeout)).is_some()
+    }
+
+    /// A descriptor that becomes readable when the VM ends (for `poll` with other fds).
+    pub fn exit_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&*self.exit)
+    }
+
+    /// Waits until the VM ends, stops every thread and returns why it ended.
+    pub fn wait(mut self) -> VmExit {
+        let raw = self.exit.wait();
+        // Every vCPU sees Stopping at its next check; the kick that comes with it makes
+        // one in KVM_RUN (or about to enter it) return at once.
+        self.control.set(RunState::Stopping);
+        for t in std::mem::take(&mut self.threads) {
+            t.join();
+        }
+        if let Some(events) = self.events.take() {
+            events.stop();
+        }
+        classify(raw, &self.watch)
+    }
+}
+
+/// Refines a raw exit with what the console showed: a reset after a power-off message is
+/// a power-off; a reset or triple fault after a panic line is a panic.
+fn classify(raw: VmExit, watch: &ConsoleWatch) -> VmExit {
+    match raw {
+        VmExit::Reset | VmExit::TripleFault { .. } | VmExit::Panic { .. }
+            if watch.powered_off() =>
+        {
+            VmExit::PowerOff
+        }
+        VmExit::Reset | VmExit::TripleFault { .. } => match watch.panic_message() {
+            Some(message) => VmExit::Panic { message },
+            None => raw,
+        },
+        other => other,
+    }
+}

@@ -22,6 +22,37 @@ pub const AGENT_PORT: u32 = 1024;
 /// Host vsock port the agent connects to once it is ready.
 pub const READY_PORT: u32 = 1025;
 
+/// An error and its chain of causes as one line, the form errors travel in between the
+/// agent and the host and reach users: each cause whose text does not already stand in
+/// the line is appended after ": ". Line breaks become spaces and other control
+/// characters are escaped (a guest can put anything in its error strings).
+pub fn error_line(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = c.source();
+    }
+    one_line(&line)
+}
+
+/// `text` with line breaks as spaces and other control characters escaped.
+pub fn one_line(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\n' | '\r' => out.push(' '),
+            c if c.is_control() => out.extend(c.escape_default()),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// Checks a peer's version against ours.
 pub fn check_version(theirs: u32) -> Result<(), String> {
     if theirs == PROTOCOL_VERSION {
@@ -30,5 +61,27 @@ pub fn check_version(theirs: u32) -> Result<(), String> {
         Err(format!(
             "unsupported agent protocol version {theirs} (this side speaks {PROTOCOL_VERSION})"
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer {0}")]
+    struct Outer(#[source] Inner);
+    #[derive(Debug, thiserror::Error)]
+    #[error("inner\x1b[31m\nred")]
+    struct Inner;
+    #[derive(Debug, thiserror::Error)]
+    #[error("wrapping")]
+    struct Wrapping(#[source] std::io::Error);
+
+    #[test]
+    fn error_lines_carry_the_chain_once_and_escape_control_characters() {
+        let plain = Wrapping(std::io::Error::other("disk on fire"));
+        assert_eq!(error_line(&plain), "wrapping: disk on fire");
+        assert_eq!(error_line(&Outer(Inner)), "outer inner\\u{1b}[31m red");
     }
 }

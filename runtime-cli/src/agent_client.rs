@@ -1,6 +1,6 @@
 //! The host side of the agent protocol: dialing the agent (through the VM's vsock socket,
 //! or a host-mode agent's Unix socket), control requests, stdio streams, and running one
-//! process with its stdio proxied byte for byte.
+//! process with its stdio relayed (see `relay`).
 //!
 //! The exit status is returned only after stdout and stderr reached end of stream, which
 //! the agent sends once the process's output is fully written: all output reaches the
@@ -10,12 +10,18 @@ use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::time::Duration;
 
 use agent_protocol::{
     read_frame, write_frame, ContainerSpec, FrameError, Hello, ProcessSpec, Request, Response,
     Stdio, StreamKind, PROTOCOL_VERSION,
 };
+
+use crate::relay::{HostIo, Relay};
+
+/// How long the VMM may take to answer a `CONNECT` (the guest must accept the
+/// connection) and the agent its hello.
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Errors talking to the agent.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +43,8 @@ pub enum ClientError {
     Exec { status: i32, message: String },
     #[error("unexpected answer from the agent: {0:?}")]
     Unexpected(Response),
+    #[error("stdio stream: {0}")]
+    Stream(#[source] io::Error),
 }
 
 /// Opens a byte stream to the agent.
@@ -77,6 +85,7 @@ pub fn connect_vsock(socket: &Path, port: u32) -> Result<UnixStream, ClientError
         source,
     };
     let mut s = vmm::unix_path::connect(socket).map_err(dial_err)?;
+    s.set_read_timeout(Some(DIAL_TIMEOUT)).map_err(dial_err)?;
     s.write_all(format!("CONNECT {port}\n").as_bytes())
         .map_err(dial_err)?;
     // Read the answer byte by byte: what follows the line belongs to the caller.
@@ -98,6 +107,7 @@ pub fn connect_vsock(socket: &Path, port: u32) -> Result<UnixStream, ClientError
     if !line.starts_with(b"OK ") {
         return Err(ClientError::Refused { port });
     }
+    s.set_read_timeout(None).map_err(dial_err)?;
     Ok(s)
 }
 
@@ -129,11 +139,23 @@ impl AgentClient {
                 version: PROTOCOL_VERSION,
             },
         )?;
-        match read_frame(&mut stream)? {
+        let _ = stream.set_read_timeout(Some(DIAL_TIMEOUT));
+        let welcome = read_frame(&mut stream)?;
+        let _ = stream.set_read_timeout(None);
+        match welcome {
             Response::Welcome { agent, .. } => Ok(Control { stream, agent }),
             Response::Error { message } => Err(ClientError::Agent(message)),
             other => Err(ClientError::Unexpected(other)),
         }
+    }
+
+    /// Opens a control connection whose every answer must come within `timeout`.
+    pub fn control_within(&self, timeout: Duration) -> Result<Control, ClientError> {
+        let c = self.control()?;
+        c.stream
+            .set_read_timeout(Some(timeout))
+            .map_err(ClientError::Stream)?;
+        Ok(c)
     }
 
     /// Opens the `kind` stream of process `process`.
@@ -249,42 +271,12 @@ impl Drop for Control {
     }
 }
 
-/// Host ends of a process's stdio. `None` streams are not attached (the process gets
-/// /dev/null there).
-pub struct HostStdio {
-    pub stdin: Option<Box<dyn Read + Send>>,
-    pub stdout: Option<Box<dyn Write + Send>>,
-    pub stderr: Option<Box<dyn Write + Send>>,
-}
-
-impl std::fmt::Debug for HostStdio {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HostStdio")
-            .field("stdin", &self.stdin.is_some())
-            .field("stdout", &self.stdout.is_some())
-            .field("stderr", &self.stderr.is_some())
-            .finish()
-    }
-}
-
-fn pump_out(mut from: UnixStream, mut to: Box<dyn Write + Send>) -> io::Result<u64> {
-    let n = io::copy(&mut from, &mut to)?;
-    to.flush()?;
-    Ok(n)
-}
-
-fn pump_in(mut from: Box<dyn Read + Send>, mut to: UnixStream) {
-    let _ = io::copy(&mut from, &mut to);
-    // End of input: the process's stdin closes.
-    let _ = to.shutdown(std::net::Shutdown::Write);
-}
-
-/// A process started with its stdio proxied; `finish` waits for it.
+/// A process started with its stdio relayed; `finish` waits for it.
 #[derive(Debug)]
 pub struct RunningProcess {
     pub id: String,
     pub pid: i32,
-    outputs: Vec<JoinHandle<io::Result<u64>>>,
+    relay: Relay,
 }
 
 /// What a process is to the agent.
@@ -311,42 +303,22 @@ impl Launch {
     }
 }
 
-/// Creates and starts process `id` with `host` as its stdio (pipes, no terminal).
+/// Creates and starts process `id` with `io` as its stdio.
 pub fn start_process(
     client: &AgentClient,
     control: &mut Control,
     id: &str,
     spec: ProcessSpec,
-    host: HostStdio,
+    io: HostIo,
     launch: Launch,
 ) -> Result<RunningProcess, ClientError> {
-    let stdio = Stdio {
-        stdin: host.stdin.is_some(),
-        stdout: host.stdout.is_some(),
-        stderr: host.stderr.is_some(),
-    };
-    control.create(id, spec, stdio, launch.init, launch.container)?;
-    let mut outputs = Vec::new();
-    if let Some(input) = host.stdin {
-        let s = client.attach(id, StreamKind::Stdin)?;
-        // Not joined: the host's stdin may never end (a terminal); the thread ends with
-        // the process.
-        std::thread::spawn(move || pump_in(input, s));
-    }
-    for (kind, out) in [
-        (StreamKind::Stdout, host.stdout),
-        (StreamKind::Stderr, host.stderr),
-    ] {
-        if let Some(out) = out {
-            let s = client.attach(id, kind)?;
-            outputs.push(std::thread::spawn(move || pump_out(s, out)));
-        }
-    }
+    control.create(id, spec, io.stdio(), launch.init, launch.container)?;
+    let relay = Relay::attach(client, id, io)?;
     let pid = control.start(id)?;
     Ok(RunningProcess {
         id: id.to_string(),
         pid,
-        outputs,
+        relay,
     })
 }
 
@@ -354,11 +326,7 @@ impl RunningProcess {
     /// Waits for the exit status, then for all output to be delivered.
     pub fn finish(self, control: &mut Control) -> Result<i32, ClientError> {
         let status = control.wait(&self.id)?;
-        for t in self.outputs {
-            if let Ok(Err(e)) = t.join() {
-                log::warn!("process {}: output copy ended with {e}", self.id);
-            }
-        }
+        self.relay.finish();
         Ok(status)
     }
 }

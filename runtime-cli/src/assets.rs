@@ -80,19 +80,21 @@ pub fn initrd(explicit: Option<&Path>) -> Result<PathBuf, AssetError> {
     )
 }
 
-/// Writes the initramfs that boots the agent: the base layout and the agent as `/init`.
-/// The file appears atomically (temp file + rename).
-pub fn write_initramfs(agent: &Path, output: &Path) -> anyhow::Result<()> {
-    use anyhow::Context;
-    let mut image = vmm::initramfs::Initramfs::new();
-    image
-        .base_layout()
-        .file_from("init", 0o755, agent)
-        .with_context(|| format!("reading agent {}", agent.display()))?;
-    let tmp = output.with_extension("tmp");
-    std::fs::write(&tmp, image.to_bytes()).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, output).with_context(|| format!("writing {}", output.display()))?;
-    Ok(())
+/// The kernel and initramfs a VM boots.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Assets {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+impl Assets {
+    /// Both assets, each from its explicit path when given, else looked up.
+    pub fn resolve(kernel: Option<&Path>, initrd: Option<&Path>) -> Result<Self, AssetError> {
+        Ok(Assets {
+            kernel: self::kernel(kernel)?,
+            initrd: self::initrd(initrd)?,
+        })
+    }
 }
 
 #[cfg(test)]

@@ -15,6 +15,20 @@ pub struct Resources {
     pub pids_limit: Option<i64>,
 }
 
+impl Resources {
+    /// The limits of an OCI `linux.resources` as they are.
+    pub fn from_oci(r: &oci_spec::runtime::LinuxResources) -> Self {
+        let cpu = r.cpu().as_ref();
+        Resources {
+            memory_limit: r.memory().as_ref().and_then(|m| m.limit()),
+            cpu_quota: cpu.and_then(|c| c.quota()),
+            cpu_period: cpu.and_then(|c| c.period()),
+            cpu_shares: cpu.and_then(|c| c.shares()),
+            pids_limit: r.pids().as_ref().map(|p| p.limit()),
+        }
+    }
+}
+
 /// Errors joining the cgroup.
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {

@@ -5,36 +5,15 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use runtime_cli::logging::LogFormat;
+use runtime_cli::exec::ExecOptions;
+use runtime_cli::lifecycle::{CreateOptions, Globals};
 
 /// runvm: an OCI runtime that runs each container in its own KVM micro-VM.
 #[derive(Debug, Parser)]
 #[command(name = "runvm", version, about, propagate_version = true)]
 pub struct Cli {
-    /// Directory for container state.
-    #[arg(long, global = true, default_value = "/run/runvm")]
-    pub root: PathBuf,
-    /// Write log messages to this file instead of stderr.
-    #[arg(long, global = true)]
-    pub log: Option<PathBuf>,
-    /// Format of log messages.
-    #[arg(long, global = true, value_enum, default_value = "text")]
-    pub log_format: LogFormat,
-    /// Log debug messages.
-    #[arg(long, global = true)]
-    pub debug: bool,
-    /// cgroupsPath is in systemd's slice:prefix:name form.
-    #[arg(long, global = true)]
-    pub systemd_cgroup: bool,
-    /// Accepted for runc compatibility; runvm never checkpoints.
-    #[arg(long, global = true, hide = true)]
-    pub criu: Option<String>,
-    /// Guest kernel (default: $RUNVM_KERNEL, then <bindir>/../share/runvm/vmlinux).
-    #[arg(long, global = true)]
-    pub kernel: Option<PathBuf>,
-    /// Guest initramfs (default: $RUNVM_INITRD, then <bindir>/../share/runvm/initramfs.cpio).
-    #[arg(long, global = true)]
-    pub initrd: Option<PathBuf>,
+    #[command(flatten)]
+    pub globals: Globals,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -42,7 +21,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create a container (its VM boots, its process waits for `start`).
-    Create(CreateArgs),
+    Create(CreateOptions),
     /// Start a created container's process.
     Start(IdArg),
     /// Print a container's state as OCI JSON.
@@ -54,7 +33,7 @@ pub enum Command {
     /// Create and start a container, and wait for it unless --detach.
     Run(RunArgs),
     /// Run another process in a running container.
-    Exec(ExecArgs),
+    Exec(ExecOptions),
     /// List the processes of a container.
     Ps(PsArgs),
     /// List containers.
@@ -90,33 +69,6 @@ pub struct IdArg {
     pub id: String,
 }
 
-#[derive(Debug, Args, Clone)]
-pub struct CreateArgs {
-    /// The bundle (directory with config.json).
-    #[arg(long, short = 'b', default_value = ".")]
-    pub bundle: PathBuf,
-    /// Write the container's pid (its VMM process) here.
-    #[arg(long)]
-    pub pid_file: Option<PathBuf>,
-    /// Unix socket that receives the terminal's master (when process.terminal is set).
-    #[arg(long)]
-    pub console_socket: Option<PathBuf>,
-    /// chroot instead of pivot_root inside the VM.
-    #[arg(long)]
-    pub no_pivot: bool,
-    /// Accepted for runc compatibility (no session keyring is created).
-    #[arg(long)]
-    pub no_new_keyring: bool,
-    /// Pass this many extra descriptors (from 3) to the container (not supported across the VM: must be 0).
-    #[arg(long, default_value_t = 0)]
-    pub preserve_fds: u32,
-    /// Accepted for runc compatibility.
-    #[arg(long, hide = true)]
-    pub notify_socket: Option<PathBuf>,
-    /// Container id.
-    pub id: String,
-}
-
 #[derive(Debug, Args)]
 pub struct KillArgs {
     /// Send the signal to every process of the container.
@@ -141,64 +93,13 @@ pub struct DeleteArgs {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     #[command(flatten)]
-    pub create: CreateArgs,
+    pub create: CreateOptions,
     /// Return once the container started, leaving it running.
     #[arg(long, short = 'd')]
     pub detach: bool,
     /// Accepted for runc compatibility.
     #[arg(long)]
     pub keep: bool,
-}
-
-#[derive(Debug, Args)]
-pub struct ExecArgs {
-    /// process.json describing the process.
-    #[arg(long, short = 'p')]
-    pub process: Option<PathBuf>,
-    /// Return once the process started.
-    #[arg(long, short = 'd')]
-    pub detach: bool,
-    /// Write the process's pid (its host-side proxy) here.
-    #[arg(long)]
-    pub pid_file: Option<PathBuf>,
-    /// Allocate a terminal.
-    #[arg(long, short = 't')]
-    pub tty: bool,
-    /// Unix socket that receives the terminal's master.
-    #[arg(long)]
-    pub console_socket: Option<PathBuf>,
-    /// Environment variable (KEY=VALUE), repeatable.
-    #[arg(long, short = 'e')]
-    pub env: Vec<String>,
-    /// Working directory.
-    #[arg(long)]
-    pub cwd: Option<String>,
-    /// User as uid[:gid].
-    #[arg(long, short = 'u')]
-    pub user: Option<String>,
-    /// Additional group ids, repeatable.
-    #[arg(long = "additional-gids", short = 'g')]
-    pub additional_gids: Vec<u32>,
-    /// Set no_new_privileges.
-    #[arg(long)]
-    pub no_new_privs: bool,
-    /// Accepted for runc compatibility.
-    #[arg(long, hide = true)]
-    pub cap: Vec<String>,
-    /// Accepted for runc compatibility.
-    #[arg(long, default_value_t = 0, hide = true)]
-    pub preserve_fds: u32,
-    /// Accepted for runc compatibility.
-    #[arg(long, hide = true)]
-    pub process_label: Option<String>,
-    /// Accepted for runc compatibility.
-    #[arg(long, hide = true)]
-    pub apparmor: Option<String>,
-    /// Container id.
-    pub id: String,
-    /// Command and arguments (when --process is not given).
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-    pub command: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -326,7 +227,7 @@ pub struct InitramfsArgs {
 #[derive(Debug, Args)]
 pub struct VmmServeArgs {
     #[command(flatten)]
-    pub create: CreateArgs,
+    pub create: CreateOptions,
     /// Descriptor to report readiness on.
     #[arg(long)]
     pub ready_fd: Option<i32>,

@@ -102,23 +102,12 @@ pub fn send_master(socket: &Path, master: &OwnedFd, name: &str) -> Result<(), Co
 
 /// The window size of a terminal, as (rows, columns).
 pub fn window_size(fd: BorrowedFd<'_>) -> Option<(u16, u16)> {
-    let mut ws = libc::winsize {
-        ws_row: 0,
-        ws_col: 0,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: TIOCGWINSZ writes a winsize to a valid pointer.
-    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) };
-    (r == 0 && ws.ws_row > 0 && ws.ws_col > 0).then_some((ws.ws_row, ws.ws_col))
+    let ws = rustix::termios::tcgetwinsize(fd).ok()?;
+    (ws.ws_row > 0 && ws.ws_col > 0).then_some((ws.ws_row, ws.ws_col))
 }
 
 /// Makes `fd` the controlling terminal of the calling process, which must lead a session:
 /// the kernel then sends it SIGWINCH when the terminal's size changes.
 pub fn take_as_controlling(fd: BorrowedFd<'_>) -> std::io::Result<()> {
-    // SAFETY: TIOCSCTTY with argument 0 on a terminal descriptor.
-    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSCTTY, 0) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    Ok(rustix::process::ioctl_tiocsctty(fd)?)
 }

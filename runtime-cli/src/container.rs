@@ -5,9 +5,11 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
 use oci_spec::runtime::Hooks;
 
-use crate::control::{self, ControlError, ControlRequest, ControlResponse};
+use crate::control::{self, ControlError, ControlRequest, ControlResponse, Stats};
 use crate::state::{files, process_start_time, State, StateDir, StateError, Status};
 
 /// How long the VMM may take to answer a control request (start waits for the exec).
@@ -52,20 +54,35 @@ impl Container {
         spec.hooks().clone()
     }
 
+    /// The cgroup the VMM joined, as recorded at create.
+    pub fn cgroups_path(&self) -> Option<String> {
+        self.state.cgroups_path.clone()
+    }
+
+    /// The VMM's pid, if the process is still the one this container started.
+    fn live_vmm(&self) -> Option<Pid> {
+        let pid = self.state.pid?;
+        (process_start_time(pid) == Some(self.state.vmm_start_time)).then(|| Pid::from_raw(pid))
+    }
+
+    /// Sends `signal` to the VMM process itself (it forwards what it can catch).
+    pub fn signal_vmm(&self, signal: i32) -> nix::Result<()> {
+        let Some(pid) = self.live_vmm() else {
+            return Err(nix::errno::Errno::ESRCH);
+        };
+        let sig = Signal::try_from(signal)?;
+        nix::sys::signal::kill(pid, sig)
+    }
+
     /// Kills the VMM process (if it is still the one we started) and waits until it is
     /// gone. Returns false if it did not go within the timeout.
     pub fn kill_vmm(&self, timeout: Duration) -> bool {
-        let Some(pid) = self.state.pid else {
+        let Some(pid) = self.live_vmm() else {
             return true;
         };
-        let ours = || process_start_time(pid) == Some(self.state.vmm_start_time);
-        if !ours() {
-            return true;
-        }
-        // SAFETY: kill(2) on the pid we recorded, checked to be the same process.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
         let deadline = Instant::now() + timeout;
-        while ours() {
+        while self.live_vmm().is_some() {
             if Instant::now() > deadline {
                 return false;
             }
@@ -74,16 +91,40 @@ impl Container {
         true
     }
 
-    /// Waits until the VMM process is gone.
-    pub fn wait_stopped(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        while self.status() != Status::Stopped {
-            if Instant::now() > deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(10));
+    /// The host processes that make up the container: the VMM and the proxies of running
+    /// `exec`s (what `docker top` matches against the host's process table).
+    pub fn host_pids(&self) -> Vec<i32> {
+        let mut pids: Vec<i32> = self.state.pid.into_iter().collect();
+        if let Ok(entries) = std::fs::read_dir(self.dir.file(files::EXECS)) {
+            let mut execs: Vec<i32> = entries
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .filter(|p| process_start_time(*p).is_some())
+                .collect();
+            execs.sort_unstable();
+            pids.extend(execs);
         }
-        true
+        pids
+    }
+
+    /// The container's processes as the guest numbers them.
+    pub fn guest_pids(&self) -> Result<Vec<i32>, ControlError> {
+        match self.control(&ControlRequest::Pids)? {
+            ControlResponse::Pids { pids } => Ok(pids),
+            other => Err(ControlError::Refused(format!(
+                "unexpected answer {other:?}"
+            ))),
+        }
+    }
+
+    /// Resource figures of the VM.
+    pub fn stats(&self) -> Result<Stats, ControlError> {
+        match self.control(&ControlRequest::Stats)? {
+            ControlResponse::Stats { stats } => Ok(stats),
+            other => Err(ControlError::Refused(format!(
+                "unexpected answer {other:?}"
+            ))),
+        }
     }
 }
 

@@ -5,7 +5,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::Path;
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 /// Output format of log lines.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -64,33 +64,10 @@ pub fn format_line(format: LogFormat, level: log::Level, msg: &str) -> String {
 
 /// The current UTC time as RFC 3339 with nanoseconds.
 pub fn rfc3339_now() -> String {
-    let d = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    rfc3339(d.as_secs() as i64, d.subsec_nanos())
+    humantime::format_rfc3339_nanos(SystemTime::now()).to_string()
 }
 
-/// Formats seconds since the epoch as RFC 3339 UTC.
-pub fn rfc3339(secs: i64, nanos: u32) -> String {
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
-        rem / 3600,
-        (rem / 60) % 60,
-        rem % 60
-    )
-}
+pub use agent_protocol::error_line;
 
 /// Installs the logger. With a log file, every message at `level` or above goes there;
 /// without one, to stderr.
@@ -125,10 +102,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rfc3339_of_known_instants() {
-        assert_eq!(rfc3339(0, 0), "1970-01-01T00:00:00.000000000Z");
-        assert_eq!(rfc3339(951_782_400, 5), "2000-02-29T00:00:00.000000005Z");
-        assert_eq!(rfc3339(1_795_887_763, 0), "2026-11-28T17:42:43.000000000Z");
+    fn timestamps_are_rfc3339_utc() {
+        let t = rfc3339_now();
+        assert!(humantime::parse_rfc3339(&t).is_ok(), "{t}");
+        assert!(t.ends_with('Z') && t.len() == "2026-11-28T17:42:43.000000000Z".len());
     }
 
     #[test]

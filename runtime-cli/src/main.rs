@@ -29,7 +29,7 @@ fn dispatch(cli: &cli::Cli) -> anyhow::Result<Option<i32>> {
         C::Boot(a) => cmd::boot::run(cli, a).map(|_| None)?,
         C::VmRun(a) => Some(cmd::vm_run::run(cli, a)?),
         C::Initramfs(a) => {
-            runtime_cli::assets::write_initramfs(&a.agent, &a.output).map(|_| None)?
+            runtime_cli::initramfs::write_agent_initramfs(&a.agent, &a.output).map(|_| None)?
         }
         C::VmmServe(a) => Some(cmd::vmm_serve::run(cli, a)),
     })
@@ -47,7 +47,8 @@ fn main() {
             std::process::exit(2);
         }
     };
-    if let Err(e) = logging::init(cli.log.as_deref(), cli.log_format, cli.debug) {
+    let g = &cli.globals;
+    if let Err(e) = logging::init(g.log.as_deref(), g.log_format, g.debug) {
         eprintln!("runvm: cannot open log file: {e}");
         std::process::exit(1);
     }
@@ -55,8 +56,8 @@ fn main() {
         Ok(None) => {}
         Ok(Some(status)) => std::process::exit(status),
         Err(e) => {
-            let msg = format!("{e:#}").replace('\n', " ");
-            if cli.log.is_some() {
+            let msg = logging::error_line(e.as_ref());
+            if cli.globals.log.is_some() {
                 log::error!("{msg}");
             }
             eprintln!("runvm: {msg}");

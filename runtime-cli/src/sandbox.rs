@@ -3,8 +3,7 @@
 //! its own for a while and stops it otherwise, so a guest that halts without resetting
 //! cannot keep the VMM alive.
 
-use std::io::ErrorKind;
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -28,9 +27,13 @@ pub enum SandboxError {
     #[error(transparent)]
     Build(#[from] BuildError),
     #[error("vsock device: {0}")]
-    Vsock(String),
+    Vsock(#[from] vmm::devices::virtio::vsock::unix::MuxerError),
+    #[error("vsock device: {0}")]
+    VsockDevice(#[source] std::io::Error),
     #[error("virtio-fs share: {0}")]
-    Share(String),
+    Share(#[from] vmm::devices::virtio::fs::passthrough::ShareError),
+    #[error("virtio-fs share: {0}")]
+    ShareDevice(#[from] vmm::devices::virtio::fs::device::FsDeviceError),
     #[error("the VM ended before its agent was ready: {0}")]
     EndedEarly(VmExit),
     #[error("the guest agent was not ready after {0:?}")]
@@ -51,7 +54,6 @@ pub enum SandboxError {
 pub struct Sandbox {
     vm: RunningVm,
     client: AgentClient,
-    vsock: PathBuf,
     pub agent: String,
 }
 
@@ -67,17 +69,19 @@ impl Sandbox {
         dir: &Path,
         ready_timeout: Duration,
     ) -> Result<Self, SandboxError> {
-        Self::boot_with_share(config, &dir.join(VSOCK_NAME), None, ready_timeout)
+        Self::boot_with_share(config, &dir.join(VSOCK_NAME), None, ready_timeout, |_| {})
     }
 
     /// Boots `config` with a vsock device at `vsock` and, with `share`, a virtio-fs device
     /// (tag [`crate::translate::SHARE_TAG`]) serving that directory; waits up to
-    /// `ready_timeout` for the agent.
+    /// `ready_timeout` for the agent. `on_running` gets a handle to the VM as soon as it
+    /// runs (so that it can be stopped while it boots).
     pub fn boot_with_share(
         config: VmConfig,
         vsock: &Path,
         share: Option<&Path>,
         ready_timeout: Duration,
+        on_running: impl FnOnce(VmHandle),
     ) -> Result<Self, SandboxError> {
         let ready_path = ready_socket(vsock);
         let ready = vmm::unix_path::bind(&ready_path).map_err(|source| SandboxError::Io {
@@ -85,7 +89,7 @@ impl Sandbox {
             path: ready_path.clone(),
             source,
         })?;
-        let result = Self::start(config, vsock, share, &ready, ready_timeout);
+        let result = Self::start(config, vsock, share, &ready, ready_timeout, on_running);
         let _ = std::fs::remove_file(&ready_path);
         result
     }
@@ -96,21 +100,19 @@ impl Sandbox {
         share: Option<&Path>,
         ready: &UnixListener,
         timeout: Duration,
+        on_running: impl FnOnce(VmHandle),
     ) -> Result<Self, SandboxError> {
-        let muxer =
-            VsockMuxer::new(GUEST_CID, vsock).map_err(|e| SandboxError::Vsock(e.to_string()))?;
-        let device =
-            Vsock::new(GUEST_CID, muxer).map_err(|e| SandboxError::Vsock(e.to_string()))?;
+        let muxer = VsockMuxer::new(GUEST_CID, vsock)?;
+        let device = Vsock::new(GUEST_CID, muxer).map_err(SandboxError::VsockDevice)?;
         let mut builder = VmBuilder::new(config, HostProfile::detect());
         builder.add_virtio_device(Arc::new(Mutex::new(device)));
         if let Some(dir) = share {
-            let server = vmm::devices::virtio::fs::passthrough::share_server(dir)
-                .map_err(|e| SandboxError::Share(e.to_string()))?;
-            let fs = vmm::devices::virtio::fs::VirtioFs::new(crate::translate::SHARE_TAG, server)
-                .map_err(|e| SandboxError::Share(e.to_string()))?;
+            let server = vmm::devices::virtio::fs::passthrough::share_server(dir)?;
+            let fs = vmm::devices::virtio::fs::VirtioFs::new(crate::translate::SHARE_TAG, server)?;
             builder.add_virtio_device(Arc::new(Mutex::new(fs)));
         }
         let vm = builder.build()?.start()?;
+        on_running(vm.handle());
         let agent = match wait_ready(ready, &vm, timeout) {
             Ok(a) => a,
             Err(e) => {
@@ -126,12 +128,7 @@ impl Sandbox {
             socket: vsock.to_path_buf(),
             port: AGENT_PORT,
         }));
-        Ok(Sandbox {
-            vm,
-            client,
-            vsock: vsock.to_path_buf(),
-            agent,
-        })
+        Ok(Sandbox { vm, client, agent })
     }
 
     /// The agent client.
@@ -142,11 +139,6 @@ impl Sandbox {
     /// Control over the VM.
     pub fn handle(&self) -> VmHandle {
         self.vm.handle()
-    }
-
-    /// The vsock socket host programs can connect to.
-    pub fn vsock_path(&self) -> &Path {
-        &self.vsock
     }
 
     /// Gives the VM `grace` to end by itself, stops it otherwise, and returns why it ended.
@@ -165,6 +157,7 @@ fn wait_ready(
     vm: &RunningVm,
     timeout: Duration,
 ) -> Result<String, SandboxError> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -172,31 +165,22 @@ fn wait_ready(
             return Err(SandboxError::NotReady(timeout));
         }
         let mut fds = [
-            libc::pollfd {
-                fd: listener.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: vm.exit_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
+            PollFd::new(listener.as_fd(), PollFlags::POLLIN),
+            PollFd::new(vm.exit_fd(), PollFlags::POLLIN),
         ];
-        let ms = left.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(SandboxError::BadReady(e.to_string()));
+        match poll(
+            &mut fds,
+            PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX),
+        ) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(SandboxError::BadReady(e.to_string())),
         }
-        if fds[1].revents != 0 {
+        let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+        if ready(&fds[1]) {
             return Err(SandboxError::EndedEarly(VmExit::Stopped));
         }
-        if fds[0].revents != 0 {
+        if ready(&fds[0]) {
             let (mut s, _) = listener
                 .accept()
                 .map_err(|e| SandboxError::BadReady(e.to_string()))?;

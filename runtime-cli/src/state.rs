@@ -5,7 +5,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -128,6 +127,13 @@ pub struct State {
     /// Set while the vCPUs are paused.
     #[serde(default)]
     pub paused: bool,
+    /// The cgroup the VMM joined (`linux.cgroupsPath`), removed on delete: the bundle
+    /// may be gone by then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroups_path: Option<String>,
+    /// The spec's memory limit (the guest's RAM), which `update` cannot change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit: Option<i64>,
 }
 
 impl State {
@@ -154,9 +160,15 @@ impl State {
         copy.status = self.refreshed();
         let mut v = serde_json::to_value(&copy).unwrap_or_default();
         if let Some(o) = v.as_object_mut() {
-            o.remove("vmm_start_time");
-            o.remove("started");
-            o.remove("paused");
+            for private in [
+                "vmm_start_time",
+                "started",
+                "paused",
+                "cgroups_path",
+                "memory_limit",
+            ] {
+                o.remove(private);
+            }
             if copy.status == Status::Stopped {
                 o.insert("pid".into(), 0.into());
             }
@@ -219,8 +231,8 @@ impl StateDir {
         }
     }
 
-    /// Takes the container's lock (blocking), for the life of the returned file.
-    pub fn lock(&self) -> Result<File, StateError> {
+    /// Takes the container's lock (blocking), for the life of the returned guard.
+    pub fn lock(&self) -> Result<nix::fcntl::Flock<File>, StateError> {
         if !self.dir.exists() {
             return Err(StateError::NotFound(self.id.clone()));
         }
@@ -231,11 +243,8 @@ impl StateDir {
             .write(true)
             .open(&path)
             .map_err(io_err("opening lock", &path))?;
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(io_err("locking", &path)(std::io::Error::last_os_error()));
-        }
-        Ok(f)
+        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| io_err("locking", &path)(e.into()))
     }
 
     /// Reads `state.json`.
@@ -349,6 +358,8 @@ mod tests {
             vmm_start_time: process_start_time(me).unwrap(),
             started: false,
             paused: false,
+            cgroups_path: None,
+            memory_limit: None,
         };
         assert_eq!(s.refreshed(), Status::Created);
         s.started = true;
@@ -386,6 +397,8 @@ mod tests {
             vmm_start_time: 5,
             started: false,
             paused: false,
+            cgroups_path: None,
+            memory_limit: None,
         };
         d.save(&s).unwrap();
         assert_eq!(d.load().unwrap(), s);

@@ -2,11 +2,13 @@
 //! container's file-system plan for the agent (bind sources moved into the share), the
 //! host paths the share must expose, and the process.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use agent_protocol::{ConsoleSize, ContainerSpec, Device, Mount, ProcessSpec, Rlimit, Share, User};
 use oci_spec::runtime::LinuxDeviceType;
+use vmm::{ConsoleOutput, VmConfig};
 
+use crate::assets::Assets;
 use crate::bundle::Bundle;
 
 /// virtio-fs tag of the container share.
@@ -61,6 +63,8 @@ pub struct Plan {
     pub binds: Vec<ShareBind>,
     pub cgroups_path: Option<String>,
     pub resources: crate::cgroup::Resources,
+    /// `linux.resources.memory.limit` as the spec gives it (the guest's RAM).
+    pub memory_limit: Option<i64>,
     pub network: NetworkNs,
 }
 
@@ -223,29 +227,49 @@ fn resources(linux: &oci_spec::runtime::Linux) -> crate::cgroup::Resources {
     let Some(r) = linux.resources() else {
         return Default::default();
     };
-    crate::cgroup::Resources {
-        // The guest gets `limit` bytes of RAM; the VMM process that the cgroup holds needs
-        // that plus its own memory (device buffers, the virtio-fs backend, thread stacks).
-        memory_limit: r.memory().as_ref().and_then(|m| m.limit()).map(|l| {
-            if l > 0 {
-                l + VMM_MEMORY_OVERHEAD
-            } else {
-                l
-            }
-        }),
-        cpu_quota: r.cpu().as_ref().and_then(|c| c.quota()),
-        cpu_period: r.cpu().as_ref().and_then(|c| c.period()),
-        cpu_shares: r.cpu().as_ref().and_then(|c| c.shares()),
-        pids_limit: r.pids().as_ref().map(|p| p.limit()),
+    let mut res = crate::cgroup::Resources::from_oci(r);
+    // The guest gets `limit` bytes of RAM; the VMM process that the cgroup holds needs
+    // that plus its own memory (device buffers, the virtio-fs backend, thread stacks).
+    res.memory_limit = res
+        .memory_limit
+        .map(|l| if l > 0 { l + VMM_MEMORY_OVERHEAD } else { l });
+    res
+}
+
+impl Plan {
+    /// The VM this plan runs in: `assets` booted with the plan's size and kernel
+    /// parameters, the console going to `console`. The shape never depends on anything
+    /// else of the container.
+    pub fn vm_config(&self, assets: &Assets, console: ConsoleOutput) -> VmConfig {
+        let mut vm = VmConfig::new(&assets.kernel);
+        vm.initrd = Some(assets.initrd.clone());
+        vm.mem_mib = self.sizing.mem_mib;
+        vm.vcpus = self.sizing.vcpus;
+        vm.cmdline = self.sizing.kernel_params.clone();
+        vm.console = console;
+        vm
+    }
+
+    /// The kernel and initramfs: an explicit path first, then the bundle's `vm` section,
+    /// then the environment and install paths.
+    pub fn assets(
+        &self,
+        kernel: Option<&Path>,
+        initrd: Option<&Path>,
+    ) -> Result<Assets, crate::assets::AssetError> {
+        Assets::resolve(
+            kernel.or(self.sizing.kernel.as_deref()),
+            initrd.or(self.sizing.initrd.as_deref()),
+        )
     }
 }
 
-/// Translates `bundle`.
-pub fn plan(bundle: &Bundle, no_pivot: bool) -> Result<Plan, TranslateError> {
-    let spec = &bundle.spec;
+/// Splits the spec's mounts: bind mounts of host paths go into the share (`binds`) and
+/// reach the agent as share paths; the rest pass through.
+fn mounts(bundle: &Bundle) -> Result<(Vec<Mount>, Vec<ShareBind>), TranslateError> {
     let mut binds = Vec::new();
     let mut mounts = Vec::new();
-    for m in spec.mounts().clone().unwrap_or_default() {
+    for m in bundle.spec.mounts().clone().unwrap_or_default() {
         let destination = m.destination().to_string_lossy().into_owned();
         let kind = m.typ().clone().unwrap_or_default();
         let options = m.options().clone().unwrap_or_default();
@@ -254,37 +278,7 @@ pub fn plan(bundle: &Bundle, no_pivot: bool) -> Result<Plan, TranslateError> {
             .clone()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        if is_bind(&kind, &options) {
-            let mut host = PathBuf::from(&source);
-            if host.as_os_str().is_empty() {
-                return Err(TranslateError::Mount {
-                    destination,
-                    reason: "bind mount without a source".into(),
-                });
-            }
-            if host.is_relative() {
-                host = bundle.dir.join(host);
-            }
-            if !host.exists() {
-                return Err(TranslateError::Mount {
-                    destination,
-                    reason: format!("source {} does not exist", host.display()),
-                });
-            }
-            let bind = ShareBind {
-                index: binds.len(),
-                source: host,
-                readonly: options.iter().any(|o| o == "ro"),
-            };
-            mounts.push(Mount {
-                destination,
-                kind: "bind".into(),
-                source: bind.share_path(),
-                options,
-                share_source: true,
-            });
-            binds.push(bind);
-        } else {
+        if !is_bind(&kind, &options) {
             mounts.push(Mount {
                 destination,
                 kind,
@@ -292,10 +286,43 @@ pub fn plan(bundle: &Bundle, no_pivot: bool) -> Result<Plan, TranslateError> {
                 options,
                 share_source: false,
             });
+            continue;
         }
+        let mut host = PathBuf::from(&source);
+        if host.as_os_str().is_empty() {
+            return Err(TranslateError::Mount {
+                destination,
+                reason: "bind mount without a source".into(),
+            });
+        }
+        if host.is_relative() {
+            host = bundle.dir.join(host);
+        }
+        if !host.exists() {
+            return Err(TranslateError::Mount {
+                destination,
+                reason: format!("source {} does not exist", host.display()),
+            });
+        }
+        let bind = ShareBind {
+            index: binds.len(),
+            source: host,
+            readonly: options.iter().any(|o| o == "ro"),
+        };
+        mounts.push(Mount {
+            destination,
+            kind: "bind".into(),
+            source: bind.share_path(),
+            options,
+            share_source: true,
+        });
+        binds.push(bind);
     }
-    let linux = spec.linux().clone().unwrap_or_default();
-    let devices = linux
+    Ok((mounts, binds))
+}
+
+fn devices(linux: &oci_spec::runtime::Linux) -> Vec<Device> {
+    linux
         .devices()
         .clone()
         .unwrap_or_default()
@@ -316,7 +343,14 @@ pub fn plan(bundle: &Bundle, no_pivot: bool) -> Result<Plan, TranslateError> {
             uid: d.uid(),
             gid: d.gid(),
         })
-        .collect();
+        .collect()
+}
+
+/// Translates `bundle`.
+pub fn plan(bundle: &Bundle, no_pivot: bool) -> Result<Plan, TranslateError> {
+    let spec = &bundle.spec;
+    let (mounts, binds) = mounts(bundle)?;
+    let linux = spec.linux().clone().unwrap_or_default();
     let root_readonly = spec
         .root()
         .as_ref()
@@ -335,7 +369,7 @@ pub fn plan(bundle: &Bundle, no_pivot: bool) -> Result<Plan, TranslateError> {
             mounts,
             masked_paths: linux.masked_paths().clone().unwrap_or_default(),
             readonly_paths: linux.readonly_paths().clone().unwrap_or_default(),
-            devices,
+            devices: devices(&linux),
             no_pivot,
         },
         rootfs: bundle.rootfs.clone(),
@@ -346,6 +380,10 @@ pub fn plan(bundle: &Bundle, no_pivot: bool) -> Result<Plan, TranslateError> {
             .clone()
             .map(|p| p.to_string_lossy().into_owned()),
         resources: resources(&linux),
+        memory_limit: linux
+            .resources()
+            .as_ref()
+            .and_then(|r| r.memory().as_ref().and_then(|m| m.limit())),
         network: network(&linux),
     })
 }

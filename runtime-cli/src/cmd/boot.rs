@@ -8,10 +8,10 @@ use runtime_cli::assets;
 use vmm::{ConsoleOutput, HostProfile, VmBuilder, VmConfig};
 
 pub fn run(cli: &Cli, args: &BootArgs) -> anyhow::Result<()> {
-    let kernel = assets::kernel(cli.kernel.as_deref())?;
+    let kernel = assets::kernel(cli.globals.kernel.as_deref())?;
     let mut config = VmConfig::new(kernel);
     // Without --initrd, the installed agent initramfs if there is one.
-    config.initrd = assets::initrd(cli.initrd.as_deref()).ok();
+    config.initrd = assets::initrd(cli.globals.initrd.as_deref()).ok();
     config.cmdline = args.cmdline.clone();
     config.mem_mib = args.mem;
     config.vcpus = args.cpus;

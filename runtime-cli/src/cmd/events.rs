@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail};
 use runtime_cli::container::Container;
-use runtime_cli::control::{ControlRequest, ControlResponse};
 use runtime_cli::state::Status;
 
 use crate::cli::{Cli, EventsArgs};
@@ -29,10 +28,7 @@ fn parse_interval(s: &str) -> anyhow::Result<Duration> {
 }
 
 fn stats_event(c: &Container) -> anyhow::Result<serde_json::Value> {
-    let stats = match c.control(&ControlRequest::Stats)? {
-        ControlResponse::Stats { stats } => stats,
-        other => bail!("unexpected answer {other:?}"),
-    };
+    let stats = c.stats()?;
     Ok(serde_json::json!({
         "type": "stats",
         "id": c.state.id,
@@ -46,7 +42,7 @@ fn stats_event(c: &Container) -> anyhow::Result<serde_json::Value> {
 
 pub fn run(cli: &Cli, a: &EventsArgs) -> anyhow::Result<()> {
     let interval = parse_interval(&a.interval)?;
-    let c = Container::load(&cli.root, &a.id)?;
+    let c = Container::load(&cli.globals.root, &a.id)?;
     if matches!(c.status(), Status::Stopped | Status::Creating) {
         bail!("container {} is not running", a.id);
     }

@@ -6,9 +6,9 @@ use runtime_cli::state::list_ids;
 use crate::cli::{Cli, Format, ListArgs};
 
 pub fn run(cli: &Cli, a: &ListArgs) -> anyhow::Result<()> {
-    let containers: Vec<Container> = list_ids(&cli.root)
+    let containers: Vec<Container> = list_ids(&cli.globals.root)
         .iter()
-        .filter_map(|id| Container::load(&cli.root, id).ok())
+        .filter_map(|id| Container::load(&cli.globals.root, id).ok())
         .collect();
     if a.quiet {
         for c in &containers {

@@ -5,7 +5,7 @@ use runtime_cli::container::Container;
 use crate::cli::{Cli, IdArg};
 
 pub fn run(cli: &Cli, a: &IdArg) -> anyhow::Result<()> {
-    let c = Container::load(&cli.root, &a.id)?;
+    let c = Container::load(&cli.globals.root, &a.id)?;
     println!("{}", serde_json::to_string_pretty(&c.state.to_output())?);
     Ok(())
 }

@@ -1,0 +1,157 @@
+//! The verbs on an existing container: `start`, `kill`, `delete`, `pause`/`resume` and
+//! `update`. Each loads the container, checks its status as of now, and acts through the
+//! VMM's control socket (or, where the VMM cannot answer, on its process directly).
+
+use crate::cgroup::{self, Resources};
+use crate::container::Container;
+use crate::control::{ControlError, ControlRequest};
+use crate::hooks::{self, Phase};
+use crate::state::{StateDir, Status};
+
+use super::create::KILL_TIMEOUT;
+use super::{Globals, LifecycleError};
+
+/// Loads container `id`, which must have a live VMM (created, running or paused).
+fn load_live(g: &Globals, id: &str) -> Result<Container, LifecycleError> {
+    let c = Container::load(&g.root, id)?;
+    let status = c.status();
+    if matches!(status, Status::Stopped | Status::Creating) {
+        return Err(LifecycleError::NotRunning {
+            id: id.into(),
+            status,
+        });
+    }
+    Ok(c)
+}
+
+/// Lets a created container's process exec (startContainer and poststart hooks around).
+pub fn start(g: &Globals, id: &str) -> Result<(), LifecycleError> {
+    let mut c = Container::load(&g.root, id)?;
+    let _lock = c.dir.lock()?;
+    c.state = c.dir.load()?;
+    let status = c.status();
+    if status != Status::Created {
+        return Err(LifecycleError::WrongState {
+            verb: "start",
+            id: id.into(),
+            status,
+        });
+    }
+    let hooks = c.hooks();
+    if let Err(e) = hooks::run(hooks.as_ref(), Phase::StartContainer, &c.state_json()) {
+        // A failed startContainer hook stops the container.
+        c.kill_vmm(KILL_TIMEOUT);
+        return Err(e.into());
+    }
+    c.control(&ControlRequest::Start)?;
+    c.state.started = true;
+    c.dir.save(&c.state)?;
+    hooks::run_warn(hooks.as_ref(), Phase::Poststart, &c.state_json());
+    Ok(())
+}
+
+/// Sends `signal` to the container's process (to all its processes with `all`). A VMM
+/// that does not answer on its control socket (still booting, or stuck) gets the signal
+/// itself: it stands for the container's process, and SIGKILL ends it for sure.
+pub fn kill(g: &Globals, id: &str, signal: i32, all: bool) -> Result<(), LifecycleError> {
+    let c = load_live(g, id)?;
+    match c.control(&ControlRequest::Kill { signal, all }) {
+        Ok(_) => Ok(()),
+        Err(ControlError::Unreachable(why)) => {
+            log::debug!("container {id}: control socket: {why}; signalling the VMM");
+            if signal == libc::SIGKILL {
+                if c.kill_vmm(KILL_TIMEOUT) {
+                    return Ok(());
+                }
+                return Err(LifecycleError::VmmStuck(id.into()));
+            }
+            c.signal_vmm(signal)
+                .map_err(|e| LifecycleError::Invalid(format!("signalling container {id}: {e}")))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Deletes a stopped or created container (a running one with `force`): its VMM, its
+/// cgroup, its state; then the poststop hooks. With `force`, a container that does not
+/// exist (or a half-created directory) is not an error, as with runc.
+pub fn delete(g: &Globals, id: &str, force: bool) -> Result<(), LifecycleError> {
+    let c = match Container::load(&g.root, id) {
+        Ok(c) => c,
+        Err(e) => {
+            let dir = StateDir::new(&g.root, id)?;
+            if force {
+                if dir.dir.exists() {
+                    dir.remove()?;
+                }
+                return Ok(());
+            }
+            return Err(e.into());
+        }
+    };
+    let _lock = c.dir.lock()?;
+    let status = c.status();
+    if matches!(status, Status::Running | Status::Paused) && !force {
+        return Err(LifecycleError::DeleteRunning {
+            id: id.into(),
+            status,
+        });
+    }
+    if status != Status::Stopped && !c.kill_vmm(KILL_TIMEOUT) {
+        return Err(LifecycleError::VmmStuck(id.into()));
+    }
+    let hooks = c.hooks();
+    if let Some(path) = c.cgroups_path() {
+        cgroup::remove(&path, g.systemd_cgroup);
+    }
+    let json = c.state_json();
+    c.dir.remove()?;
+    hooks::run_warn(hooks.as_ref(), Phase::Poststop, &json);
+    Ok(())
+}
+
+/// Pauses (`true`) or resumes (`false`) the container's vCPUs.
+pub fn set_paused(g: &Globals, id: &str, pause: bool) -> Result<(), LifecycleError> {
+    let mut c = Container::load(&g.root, id)?;
+    let _lock = c.dir.lock()?;
+    c.state = c.dir.load()?;
+    let status = c.status();
+    let (want, request, verb) = if pause {
+        (Status::Running, ControlRequest::Pause, "pause")
+    } else {
+        (Status::Paused, ControlRequest::Resume, "resume")
+    };
+    if status != want {
+        return Err(LifecycleError::WrongState {
+            verb,
+            id: id.into(),
+            status,
+        });
+    }
+    c.control(&request)?;
+    c.state.paused = pause;
+    c.dir.save(&c.state)?;
+    Ok(())
+}
+
+/// Changes the container's cgroup limits (CPU, pids). Guest memory cannot change while
+/// the VM runs: a different memory limit is refused.
+pub fn update(g: &Globals, id: &str, mut r: Resources) -> Result<(), LifecycleError> {
+    let c = load_live(g, id)?;
+    let Some(path) = c.cgroups_path() else {
+        return Err(LifecycleError::Invalid(format!(
+            "container {id} has no cgroupsPath to update"
+        )));
+    };
+    let current = c.state.memory_limit;
+    if r.memory_limit.is_some_and(|m| m > 0) && r.memory_limit != current {
+        return Err(LifecycleError::Invalid(format!(
+            "guest memory cannot change while the VM runs (memory limit stays {current:?})"
+        )));
+    }
+    // Moving the VMM again applies the limits to its cgroup.
+    r.memory_limit = None;
+    let pid = c.state.pid.unwrap_or(0) as u32;
+    cgroup::apply_to(&path, &r, g.systemd_cgroup, pid)?;
+    Ok(())
+}

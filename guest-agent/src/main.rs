@@ -9,12 +9,15 @@
 mod conn;
 mod container;
 mod init;
+mod power;
 mod process;
 mod reaper;
 mod server;
 mod spawn;
 
 use std::path::PathBuf;
+
+use agent_protocol::error_line;
 
 /// How the agent was started.
 #[derive(Debug)]
@@ -53,14 +56,14 @@ fn main() {
         }
     };
     let result = match mode {
-        Mode::Vm => init::run_as_init(),
-        Mode::Host(path) => server::run_host(&path),
+        Mode::Vm => init::run_as_init().map_err(|e| error_line(&e)),
+        Mode::Host(path) => server::run_host(&path).map_err(|e| error_line(&e)),
     };
     if let Err(e) = result {
         eprintln!("runvm-agent: {e}");
         if std::process::id() == 1 {
             // Nothing can run without the agent: end the VM rather than hang it.
-            init::power_off();
+            power::power_off();
         }
         std::process::exit(1);
     }

@@ -12,8 +12,9 @@ use agent_protocol::{
 };
 
 use crate::conn::Listener;
-use crate::process::{Processes, StartError};
-use crate::{init, reaper};
+use crate::power::Role;
+use crate::process::{ProcessError, Processes, StartError};
+use crate::reaper;
 
 /// Longest wait for a new connection's hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -21,13 +22,21 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 /// connection before the VM ends anyway.
 const FINAL_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// What ending means for this agent.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role {
-    /// PID 1 of a VM: ending powers the VM off.
-    Init,
-    /// A host process: ending exits.
-    Host,
+/// Why the agent stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("blocking SIGCHLD: {0}")]
+    Signals(#[source] nix::Error),
+    #[error("reaper thread: {0}")]
+    Reaper(#[source] std::io::Error),
+    #[error("listening on {path}: {source}")]
+    Listen {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("accept: {0}")]
+    Accept(#[source] std::io::Error),
 }
 
 fn agent_name() -> String {
@@ -35,26 +44,27 @@ fn agent_name() -> String {
 }
 
 /// Runs the agent as a host process on a Unix socket.
-pub fn run_host(path: &Path) -> Result<(), String> {
-    reaper::block_sigchld().map_err(|e| format!("blocking SIGCHLD: {e}"))?;
+pub fn run_host(path: &Path) -> Result<(), ServeError> {
+    reaper::block_sigchld().map_err(ServeError::Signals)?;
     // Orphans of our processes come back to us, as they would to PID 1.
-    // SAFETY: prctl with integer arguments.
-    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let _ = nix::sys::prctl::set_child_subreaper(true);
     let procs = Arc::new(Processes::new());
     let p = procs.clone();
-    reaper::spawn(move |pid, status| p.reaped(pid, status)).map_err(|e| format!("reaper: {e}"))?;
-    let listener =
-        Listener::unix(path).map_err(|e| format!("listening on {}: {e}", path.display()))?;
+    reaper::spawn(move |pid, status| p.reaped(pid, status)).map_err(ServeError::Reaper)?;
+    let listener = Listener::unix(path).map_err(|source| ServeError::Listen {
+        path: path.to_path_buf(),
+        source,
+    })?;
     serve(listener, procs, Role::Host)
 }
 
 /// Accepts connections forever.
-pub fn serve(listener: Listener, procs: Arc<Processes>, role: Role) -> Result<(), String> {
+pub fn serve(listener: Listener, procs: Arc<Processes>, role: Role) -> Result<(), ServeError> {
     loop {
         let stream = match listener.accept() {
             Ok(s) => s,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(format!("accept: {e}")),
+            Err(e) => return Err(ServeError::Accept(e)),
         };
         let procs = procs.clone();
         let spawned = std::thread::Builder::new()
@@ -102,7 +112,9 @@ fn handle(mut stream: UnixStream, procs: &Arc<Processes>, role: Role) {
         } => {
             let result = check_version(version).and_then(|()| {
                 let s = stream.try_clone().map_err(|e| e.to_string())?;
-                procs.attach(&process, kind, s)
+                procs
+                    .attach(&process, kind, s)
+                    .map_err(|e| agent_protocol::error_line(&e))
             });
             if let Err(message) = result {
                 let _ = write_frame(&mut stream, &Response::Error { message });
@@ -158,7 +170,7 @@ fn control_loop(mut stream: UnixStream, procs: &Arc<Processes>, role: Role) {
             break;
         }
         if shutdown {
-            end(role);
+            role.end();
         }
         if let Some(id) = waited_init {
             if matches!(response, Response::Exited { .. })
@@ -170,16 +182,22 @@ fn control_loop(mut stream: UnixStream, procs: &Arc<Processes>, role: Role) {
                 let _ = stream.set_read_timeout(Some(FINAL_READ_TIMEOUT));
                 let mut buf = [0u8; 1];
                 let _ = std::io::Read::read(&mut stream, &mut buf);
-                end(role);
+                role.end();
             }
         }
     }
 }
 
+fn error(e: &(dyn std::error::Error + 'static)) -> Response {
+    Response::Error {
+        message: agent_protocol::error_line(e),
+    }
+}
+
 fn dispatch(request: Request, procs: &Arc<Processes>) -> Response {
-    let done = |r: Result<(), String>| match r {
+    let done = |r: Result<(), ProcessError>| match r {
         Ok(()) => Response::Ok,
-        Err(message) => Response::Error { message },
+        Err(e) => error(&e),
     };
     match request {
         Request::Create {
@@ -201,7 +219,7 @@ fn dispatch(request: Request, procs: &Arc<Processes>) -> Response {
         Request::CloseStdin { id } => done(procs.close_stdin(&id)),
         Request::Wait { id } => match procs.wait(&id) {
             Ok(status) => Response::Exited { status },
-            Err(message) => Response::Error { message },
+            Err(e) => error(&e),
         },
         Request::Pids => Response::Pids { pids: procs.pids() },
         Request::Shutdown => Response::Ok,
@@ -210,14 +228,10 @@ fn dispatch(request: Request, procs: &Arc<Processes>) -> Response {
 
 fn start_error(e: StartError) -> Response {
     match e {
-        StartError::Exec { status, message } => Response::ExecFailed { status, message },
-        StartError::Other(message) => Response::Error { message },
-    }
-}
-
-fn end(role: Role) -> ! {
-    match role {
-        Role::Init => init::power_off(),
-        Role::Host => std::process::exit(0),
+        StartError::Exec(e) => Response::ExecFailed {
+            status: e.status,
+            message: agent_protocol::one_line(&e.message),
+        },
+        StartError::Process(e) => error(&e),
     }
 }

@@ -10,6 +10,9 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio as StdStdio};
 
 use agent_protocol::{ProcessSpec, Stdio};
+use nix::sys::resource::Resource;
+use nix::sys::stat::Mode;
+use nix::unistd::{Gid, Uid};
 
 /// Environment the host profile asks for in every guest process (see `set_profile_env`).
 static PROFILE_ENV: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
@@ -38,34 +41,36 @@ pub struct Spawned {
 }
 
 /// Why a process could not start, with the exit status that stands for it.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
 pub struct SpawnError {
     pub status: i32,
     pub message: String,
 }
 
+/// A start failure that `status` stands for.
 pub fn fail(status: i32, message: String) -> SpawnError {
     SpawnError { status, message }
 }
 
-fn rlimit_resource(name: &str) -> Option<libc::__rlimit_resource_t> {
+fn rlimit_resource(name: &str) -> Option<Resource> {
     Some(match name {
-        "RLIMIT_AS" => libc::RLIMIT_AS,
-        "RLIMIT_CORE" => libc::RLIMIT_CORE,
-        "RLIMIT_CPU" => libc::RLIMIT_CPU,
-        "RLIMIT_DATA" => libc::RLIMIT_DATA,
-        "RLIMIT_FSIZE" => libc::RLIMIT_FSIZE,
-        "RLIMIT_LOCKS" => libc::RLIMIT_LOCKS,
-        "RLIMIT_MEMLOCK" => libc::RLIMIT_MEMLOCK,
-        "RLIMIT_MSGQUEUE" => libc::RLIMIT_MSGQUEUE,
-        "RLIMIT_NICE" => libc::RLIMIT_NICE,
-        "RLIMIT_NOFILE" => libc::RLIMIT_NOFILE,
-        "RLIMIT_NPROC" => libc::RLIMIT_NPROC,
-        "RLIMIT_RSS" => libc::RLIMIT_RSS,
-        "RLIMIT_RTPRIO" => libc::RLIMIT_RTPRIO,
-        "RLIMIT_RTTIME" => libc::RLIMIT_RTTIME,
-        "RLIMIT_SIGPENDING" => libc::RLIMIT_SIGPENDING,
-        "RLIMIT_STACK" => libc::RLIMIT_STACK,
+        "RLIMIT_AS" => Resource::RLIMIT_AS,
+        "RLIMIT_CORE" => Resource::RLIMIT_CORE,
+        "RLIMIT_CPU" => Resource::RLIMIT_CPU,
+        "RLIMIT_DATA" => Resource::RLIMIT_DATA,
+        "RLIMIT_FSIZE" => Resource::RLIMIT_FSIZE,
+        "RLIMIT_LOCKS" => Resource::RLIMIT_LOCKS,
+        "RLIMIT_MEMLOCK" => Resource::RLIMIT_MEMLOCK,
+        "RLIMIT_MSGQUEUE" => Resource::RLIMIT_MSGQUEUE,
+        "RLIMIT_NICE" => Resource::RLIMIT_NICE,
+        "RLIMIT_NOFILE" => Resource::RLIMIT_NOFILE,
+        "RLIMIT_NPROC" => Resource::RLIMIT_NPROC,
+        "RLIMIT_RSS" => Resource::RLIMIT_RSS,
+        "RLIMIT_RTPRIO" => Resource::RLIMIT_RTPRIO,
+        "RLIMIT_RTTIME" => Resource::RLIMIT_RTTIME,
+        "RLIMIT_SIGPENDING" => Resource::RLIMIT_SIGPENDING,
+        "RLIMIT_STACK" => Resource::RLIMIT_STACK,
         _ => return None,
     })
 }
@@ -124,12 +129,12 @@ pub fn validate(spec: &ProcessSpec) -> Result<String, SpawnError> {
 /// that applying them only makes system calls: safe in a child of a threaded process.
 #[derive(Debug)]
 pub struct ExecSettings {
-    umask: Option<libc::mode_t>,
-    groups: Vec<libc::gid_t>,
-    uid: libc::uid_t,
-    gid: libc::gid_t,
+    umask: Option<Mode>,
+    groups: Vec<Gid>,
+    uid: Uid,
+    gid: Gid,
     no_new_privs: bool,
-    limits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
+    limits: Vec<(Resource, u64, u64)>,
     oom: Option<Vec<u8>>,
     oom_path: CString,
 }
@@ -141,19 +146,18 @@ impl ExecSettings {
         for r in &spec.rlimits {
             let res = rlimit_resource(&r.kind)
                 .ok_or_else(|| fail(1, format!("unknown rlimit {}", r.kind)))?;
-            limits.push((
-                res,
-                libc::rlimit {
-                    rlim_cur: r.soft,
-                    rlim_max: r.hard,
-                },
-            ));
+            limits.push((res, r.soft, r.hard));
         }
         Ok(ExecSettings {
-            umask: spec.user.umask.map(|m| m as libc::mode_t),
-            groups: spec.user.additional_gids.clone(),
-            uid: spec.user.uid,
-            gid: spec.user.gid,
+            umask: spec.user.umask.map(Mode::from_bits_truncate),
+            groups: spec
+                .user
+                .additional_gids
+                .iter()
+                .map(|g| Gid::from_raw(*g))
+                .collect(),
+            uid: Uid::from_raw(spec.user.uid),
+            gid: Gid::from_raw(spec.user.gid),
             no_new_privs: spec.no_new_privileges,
             limits,
             oom: spec.oom_score_adj.map(|v| v.to_string().into_bytes()),
@@ -164,34 +168,22 @@ impl ExecSettings {
     /// Applies them to the calling process: umask, OOM score, rlimits, groups, gid, uid,
     /// no_new_privileges. Makes system calls only.
     pub fn apply(&self) -> std::io::Result<()> {
-        let check = |r: libc::c_int| {
-            if r < 0 {
-                Err(std::io::Error::last_os_error())
-            } else {
-                Ok(())
-            }
-        };
-        // SAFETY: plain system calls on prepared, valid arguments.
-        unsafe {
-            if let Some(mask) = self.umask {
-                libc::umask(mask);
-            }
-            if let Some(v) = &self.oom {
-                let fd = libc::open(self.oom_path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd >= 0 {
-                    libc::write(fd, v.as_ptr().cast(), v.len());
-                    libc::close(fd);
-                }
-            }
-            for (res, lim) in &self.limits {
-                check(libc::setrlimit(*res, lim))?;
-            }
-            check(libc::setgroups(self.groups.len(), self.groups.as_ptr()))?;
-            check(libc::setgid(self.gid))?;
-            check(libc::setuid(self.uid))?;
-            if self.no_new_privs {
-                check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
-            }
+        if let Some(mask) = self.umask {
+            nix::sys::stat::umask(mask);
+        }
+        if let Some(v) = &self.oom {
+            let flags = nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC;
+            let fd = nix::fcntl::open(self.oom_path.as_c_str(), flags, Mode::empty())?;
+            nix::unistd::write(&fd, v)?;
+        }
+        for (res, soft, hard) in &self.limits {
+            nix::sys::resource::setrlimit(*res, *soft, *hard)?;
+        }
+        nix::unistd::setgroups(&self.groups)?;
+        nix::unistd::setgid(self.gid)?;
+        nix::unistd::setuid(self.uid)?;
+        if self.no_new_privs {
+            nix::sys::prctl::set_no_new_privs()?;
         }
         Ok(())
     }
@@ -223,6 +215,56 @@ pub(crate) fn pipe() -> Result<(OwnedFd, OwnedFd), SpawnError> {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| fail(1, format!("pipe: {e}")))
 }
 
+/// Gives `cmd` a new terminal as its stdio; returns the master.
+fn terminal_stdio(cmd: &mut Command, spec: &ProcessSpec) -> Result<File, SpawnError> {
+    let winsize = spec.console_size.map(|s| nix::pty::Winsize {
+        ws_row: s.height,
+        ws_col: s.width,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    });
+    let pty =
+        nix::pty::openpty(winsize.as_ref(), None).map_err(|e| fail(1, format!("openpty: {e}")))?;
+    let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| fail(1, format!("dup: {e}")));
+    cmd.stdin(StdStdio::from(dup(&pty.slave)?))
+        .stdout(StdStdio::from(dup(&pty.slave)?))
+        .stderr(StdStdio::from(pty.slave));
+    let cloexec = nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC);
+    nix::fcntl::fcntl(&pty.master, cloexec).map_err(|e| fail(1, format!("fcntl: {e}")))?;
+    Ok(File::from(pty.master))
+}
+
+/// Gives `cmd` pipes for the streams `stdio` asks for (/dev/null for the others); returns
+/// the agent's ends.
+fn pipe_stdio(cmd: &mut Command, stdio: Stdio, out: &mut Spawned) -> Result<(), SpawnError> {
+    if stdio.stdin {
+        let (r, w) = pipe()?;
+        cmd.stdin(StdStdio::from(r));
+        out.stdin = Some(File::from(w));
+    } else {
+        cmd.stdin(StdStdio::null());
+    }
+    for (wanted, is_err) in [(stdio.stdout, false), (stdio.stderr, true)] {
+        let child_end = if wanted {
+            let (r, w) = pipe()?;
+            *if is_err {
+                &mut out.stderr
+            } else {
+                &mut out.stdout
+            } = Some(File::from(r));
+            StdStdio::from(w)
+        } else {
+            StdStdio::null()
+        };
+        if is_err {
+            cmd.stderr(child_end);
+        } else {
+            cmd.stdout(child_end);
+        }
+    }
+    Ok(())
+}
+
 /// Starts `spec` with stdio per `stdio` (ignored when the spec asks for a terminal).
 pub fn spawn(spec: &ProcessSpec, stdio: Stdio) -> Result<Spawned, SpawnError> {
     let program = validate(spec)?;
@@ -232,7 +274,6 @@ pub fn spawn(spec: &ProcessSpec, stdio: Stdio) -> Result<Spawned, SpawnError> {
         .env_clear()
         .current_dir(&spec.cwd);
     cmd.envs(environment(spec));
-
     let mut out = Spawned {
         pid: 0,
         stdin: None,
@@ -241,63 +282,23 @@ pub fn spawn(spec: &ProcessSpec, stdio: Stdio) -> Result<Spawned, SpawnError> {
         pty: None,
     };
     if spec.terminal {
-        let winsize = spec.console_size.map(|s| nix::pty::Winsize {
-            ws_row: s.height,
-            ws_col: s.width,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
-        });
-        let pty = nix::pty::openpty(winsize.as_ref(), None)
-            .map_err(|e| fail(1, format!("openpty: {e}")))?;
-        let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| fail(1, format!("dup: {e}")));
-        cmd.stdin(StdStdio::from(dup(&pty.slave)?))
-            .stdout(StdStdio::from(dup(&pty.slave)?))
-            .stderr(StdStdio::from(pty.slave));
-        nix::fcntl::fcntl(
-            &pty.master,
-            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-        )
-        .map_err(|e| fail(1, format!("fcntl: {e}")))?;
-        out.pty = Some(File::from(pty.master));
+        out.pty = Some(terminal_stdio(&mut cmd, spec)?);
     } else {
-        if stdio.stdin {
-            let (r, w) = pipe()?;
-            cmd.stdin(StdStdio::from(r));
-            out.stdin = Some(File::from(w));
-        } else {
-            cmd.stdin(StdStdio::null());
-        }
-        if stdio.stdout {
-            let (r, w) = pipe()?;
-            cmd.stdout(StdStdio::from(w));
-            out.stdout = Some(File::from(r));
-        } else {
-            cmd.stdout(StdStdio::null());
-        }
-        if stdio.stderr {
-            let (r, w) = pipe()?;
-            cmd.stderr(StdStdio::from(w));
-            out.stderr = Some(File::from(r));
-        } else {
-            cmd.stderr(StdStdio::null());
-        }
+        pipe_stdio(&mut cmd, stdio, &mut out)?;
     }
 
     let settings = ExecSettings::from_spec(spec)?;
     let terminal = spec.terminal;
-    // SAFETY: the closure runs in the child between fork and exec and only makes system
-    // calls on data prepared above; it allocates nothing.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if terminal && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            settings.apply()
-        });
-    }
+    let child_setup = move || {
+        nix::unistd::setsid()?;
+        if terminal {
+            rustix::process::ioctl_tiocsctty(std::io::stdin())?;
+        }
+        settings.apply()
+    };
+    // SAFETY: the hook runs in the child between fork and exec and only makes system calls
+    // on data prepared above; it allocates nothing.
+    unsafe { cmd.pre_exec(child_setup) };
 
     let child = cmd.spawn().map_err(|e| {
         let status = match e.raw_os_error() {
@@ -346,7 +347,10 @@ mod tests {
 
     #[test]
     fn rlimit_names() {
-        assert_eq!(rlimit_resource("RLIMIT_NOFILE"), Some(libc::RLIMIT_NOFILE));
+        assert_eq!(
+            rlimit_resource("RLIMIT_NOFILE"),
+            Some(Resource::RLIMIT_NOFILE)
+        );
         assert_eq!(rlimit_resource("RLIMIT_BOGUS"), None);
     }
 }

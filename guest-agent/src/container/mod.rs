@@ -97,18 +97,22 @@ pub fn prepare(setup: HelperSetup, stdio: HelperStdio) -> Result<Helper, SpawnEr
             .stdin(stdio_of(stdio.stdin))
             .stdout(stdio_of(stdio.stdout))
             .stderr(stdio_of(stdio.stderr));
-        // SAFETY: dup2/fcntl in the child between fork and exec, on descriptors we own.
-        unsafe {
-            cmd.pre_exec(move || {
-                if raw == HELPER_FD {
-                    // dup2 onto itself keeps close-on-exec: clear it instead.
-                    libc::fcntl(raw, libc::F_SETFD, 0);
-                } else if libc::dup2(raw, HELPER_FD) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        let child_setup = move || {
+            // SAFETY: `raw` is our end of the socket pair, open in this child until exec.
+            let sock = unsafe { std::os::fd::BorrowedFd::borrow_raw(raw) };
+            if raw == HELPER_FD {
+                // dup2 onto itself keeps close-on-exec: clear it instead.
+                let flags = nix::fcntl::FdFlag::empty();
+                nix::fcntl::fcntl(sock, nix::fcntl::FcntlArg::F_SETFD(flags))?;
+            } else {
+                // SAFETY: HELPER_FD belongs to nothing else in this child and must stay
+                // open across exec: the returned owner is forgotten, not dropped.
+                std::mem::forget(unsafe { nix::unistd::dup2_raw(sock, HELPER_FD) }?);
+            }
+            Ok(())
+        };
+        // SAFETY: between fork and exec the hook only changes descriptors of the child.
+        unsafe { cmd.pre_exec(child_setup) };
         let child = cmd
             .spawn()
             .map_err(|e| fail(1, format!("starting the container helper: {e}")))?;
@@ -151,24 +155,42 @@ impl Helper {
     }
 }
 
+/// Why the container's share cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ShareError {
+    #[error("share directory {0} does not exist")]
+    NoDirectory(String),
+    #[error("creating {SHARE_MOUNT}: {0}")]
+    MountPoint(#[source] std::io::Error),
+    #[error("mounting virtio-fs share {tag:?}: {source}")]
+    Mount {
+        tag: String,
+        #[source]
+        source: nix::Error,
+    },
+}
+
 /// Makes the share visible to the agent and returns where: a virtio-fs share is mounted
 /// (once) at [`SHARE_MOUNT`]; a directory share is used where it is.
-pub fn mount_share(share: &agent_protocol::Share) -> Result<String, String> {
+pub fn mount_share(share: &agent_protocol::Share) -> Result<String, ShareError> {
     match share {
         agent_protocol::Share::Directory { path } => {
             if std::path::Path::new(path).is_dir() {
                 Ok(path.clone())
             } else {
-                Err(format!("share directory {path} does not exist"))
+                Err(ShareError::NoDirectory(path.clone()))
             }
         }
         agent_protocol::Share::Virtiofs { tag } => {
-            let mounted = std::fs::read_to_string("/proc/self/mounts")
-                .map(|m| m.lines().any(|l| l.split(' ').nth(1) == Some(SHARE_MOUNT)))
+            let mounted = procfs::process::Process::myself()
+                .and_then(|p| p.mountinfo())
+                .map(|m| {
+                    m.into_iter()
+                        .any(|i| i.mount_point == std::path::Path::new(SHARE_MOUNT))
+                })
                 .unwrap_or(false);
             if !mounted {
-                std::fs::create_dir_all(SHARE_MOUNT)
-                    .map_err(|e| format!("creating {SHARE_MOUNT}: {e}"))?;
+                std::fs::create_dir_all(SHARE_MOUNT).map_err(ShareError::MountPoint)?;
                 nix::mount::mount(
                     Some(tag.as_str()),
                     SHARE_MOUNT,
@@ -176,7 +198,10 @@ pub fn mount_share(share: &agent_protocol::Share) -> Result<String, String> {
                     nix::mount::MsFlags::empty(),
                     None::<&str>,
                 )
-                .map_err(|e| format!("mounting virtio-fs share {tag:?}: {e}"))?;
+                .map_err(|source| ShareError::Mount {
+                    tag: tag.clone(),
+                    source,
+                })?;
             }
             Ok(SHARE_MOUNT.to_string())
         }

@@ -43,49 +43,39 @@ fn join(pid: i32) -> Result<(), SpawnError> {
 /// Opens a terminal of the container's devpts and makes it our controlling terminal on
 /// 0, 1 and 2. Returns the master, for the agent.
 fn terminal(size: Option<agent_protocol::ConsoleSize>) -> Result<OwnedFd, SpawnError> {
-    let master = nix::pty::posix_openpt(nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_NOCTTY)
-        .map_err(|e| fail(1, format!("opening /dev/ptmx in the container: {e}")))?;
-    nix::pty::grantpt(&master).map_err(|e| fail(1, format!("grantpt: {e}")))?;
-    nix::pty::unlockpt(&master).map_err(|e| fail(1, format!("unlockpt: {e}")))?;
-    let name = nix::pty::ptsname_r(&master).map_err(|e| fail(1, format!("ptsname: {e}")))?;
+    let err = |what: &str| {
+        let what = what.to_string();
+        move |e: nix::Error| fail(1, format!("{what}: {e}"))
+    };
+    // Opened close-on-exec: the master is for the agent, not the process.
+    let flags =
+        nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_NOCTTY | nix::fcntl::OFlag::O_CLOEXEC;
+    let master =
+        nix::pty::posix_openpt(flags).map_err(err("opening /dev/ptmx in the container"))?;
+    nix::pty::grantpt(&master).map_err(err("grantpt"))?;
+    nix::pty::unlockpt(&master).map_err(err("unlockpt"))?;
+    let name = nix::pty::ptsname_r(&master).map_err(err("ptsname"))?;
     let slave = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(&name)
         .map_err(|e| fail(1, format!("opening {name}: {e}")))?;
     if let Some(s) = size {
-        let ws = libc::winsize {
+        let ws = rustix::termios::Winsize {
             ws_row: s.height,
             ws_col: s.width,
             ws_xpixel: 0,
             ws_ypixel: 0,
         };
-        // SAFETY: TIOCSWINSZ reads a winsize from a valid pointer.
-        unsafe { libc::ioctl(slave.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+        let _ = rustix::termios::tcsetwinsize(&slave, ws);
     }
-    for fd in 0..3 {
-        // SAFETY: dup2 onto the standard descriptors, which we mean to replace.
-        if unsafe { libc::dup2(slave.as_raw_fd(), fd) } < 0 {
-            return Err(fail(
-                1,
-                format!("dup2: {}", std::io::Error::last_os_error()),
-            ));
-        }
-    }
-    // SAFETY: TIOCSCTTY on our stdin, which is the terminal; we lead a new session.
-    if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } < 0 {
-        return Err(fail(
-            1,
-            format!("TIOCSCTTY: {}", std::io::Error::last_os_error()),
-        ));
-    }
-    let master: OwnedFd = master.into();
-    nix::fcntl::fcntl(
-        &master,
-        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-    )
-    .map_err(|e| fail(1, format!("fcntl: {e}")))?;
-    Ok(master)
+    nix::unistd::dup2_stdin(&slave).map_err(err("dup2"))?;
+    nix::unistd::dup2_stdout(&slave).map_err(err("dup2"))?;
+    nix::unistd::dup2_stderr(&slave).map_err(err("dup2"))?;
+    // We lead a new session: stdin, the terminal, becomes its controlling terminal.
+    rustix::process::ioctl_tiocsctty(std::io::stdin())
+        .map_err(|e| fail(1, format!("TIOCSCTTY: {e}")))?;
+    Ok(master.into())
 }
 
 /// Everything before the start: namespaces, root, terminal. Returns the terminal master.
@@ -98,10 +88,10 @@ fn prepare(setup: &HelperSetup) -> Result<Option<OwnedFd>, SpawnError> {
             )
             .map_err(|e| fail(1, format!("unshare: {e}")))?;
             let share = Path::new(&setup.share_root);
-            let root = mounts::build_root(spec, share).map_err(|m| fail(1, m))?;
-            drop(root);
-            mounts::enter_root(spec.no_pivot).map_err(|m| fail(1, m))?;
-            mounts::finish_root(spec).map_err(|m| fail(1, m))?;
+            let mount_err = |e: mounts::MountError| fail(1, agent_protocol::error_line(&e));
+            mounts::build_root(spec, share).map_err(mount_err)?;
+            mounts::enter_root(spec.no_pivot).map_err(mount_err)?;
+            mounts::finish_root(spec).map_err(mount_err)?;
             if let Some(h) = &spec.hostname {
                 nix::unistd::sethostname(h).map_err(|e| fail(1, format!("hostname {h:?}: {e}")))?;
             }

@@ -10,10 +10,10 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use runtime_cli::initramfs::Initramfs;
 use runvm_tests::{
     bench_runs, boot_check_init, kernel, median, runvm_bin, vm_test_unavailable, TempDir,
 };
-use vmm::initramfs::Initramfs;
 use vmm::{HostKind, HostProfile};
 
 struct Sample {

@@ -9,7 +9,8 @@ use std::time::Duration;
 use agent_protocol::{
     read_frame, write_frame, ConsoleSize, ProcessSpec, Response, StreamKind, User,
 };
-use runtime_cli::agent_client::{start_process, ClientError, HostStdio, Launch};
+use runtime_cli::agent_client::{start_process, ClientError, Launch};
+use runtime_cli::relay::HostIo;
 use runvm_tests::{agent_bin, skip_unless, Capture, HostAgent};
 
 fn spec(args: &[&str]) -> ProcessSpec {
@@ -36,7 +37,7 @@ fn run(
     let client = agent.client();
     let mut control = client.control()?;
     let (out, err) = (Capture::default(), Capture::default());
-    let stdio = HostStdio {
+    let stdio = HostIo::Pipes {
         stdin: stdin.map(|b| Box::new(std::io::Cursor::new(b.to_vec())) as Box<dyn Read + Send>),
         stdout: Some(Box::new(out.clone())),
         stderr: Some(Box::new(err.clone())),
@@ -78,7 +79,7 @@ fn signals_give_128_plus_the_signal() {
     let client = agent.client();
     let mut control = client.control().unwrap();
     for (id, sig) in [("term", libc::SIGTERM), ("kill", libc::SIGKILL)] {
-        let stdio = HostStdio {
+        let stdio = HostIo::Pipes {
             stdin: None,
             stdout: Some(Box::new(Capture::default())),
             stderr: None,
@@ -109,7 +110,7 @@ fn a_signal_to_all_reaches_the_whole_process_group() {
     let client = agent.client();
     let mut control = client.control().unwrap();
     let out = Capture::default();
-    let stdio = HostStdio {
+    let stdio = HostIo::Pipes {
         stdin: None,
         stdout: Some(Box::new(out.clone())),
         stderr: None,
@@ -275,7 +276,7 @@ fn stdin_round_trips_through_cat() {
     let client = agent.client();
     let mut control = client.control().unwrap();
     let out = Capture::default();
-    let stdio = HostStdio {
+    let stdio = HostIo::Pipes {
         stdin: Some(Box::new(std::io::Cursor::new(input.clone()))),
         stdout: Some(Box::new(out.clone())),
         stderr: None,

@@ -10,7 +10,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use agent_protocol::ProcessSpec;
-use runtime_cli::agent_client::{start_process, ClientError, HostStdio, Launch};
+use runtime_cli::agent_client::{start_process, ClientError, Launch};
+use runtime_cli::relay::HostIo;
 use runtime_cli::sandbox::Sandbox;
 use runvm_tests::{
     agent_bin, agent_initramfs, busybox, kernel, runvm_bin, skip_unless, static_test_bin,
@@ -97,7 +98,7 @@ fn one_vm_signals_streams_failures_and_register_state() {
     let mut control = client.control().unwrap();
     let capture = |id: &str, args: &[&str], control: &mut runtime_cli::agent_client::Control| {
         let out = Capture::default();
-        let stdio = HostStdio {
+        let stdio = HostIo::Pipes {
             stdin: None,
             stdout: Some(Box::new(out.clone())),
             stderr: Some(Box::new(Capture::default())),
@@ -117,7 +118,7 @@ fn one_vm_signals_streams_failures_and_register_state() {
 
     // 32 MiB of stdout, checked byte by byte as it arrives.
     let check = PatternCheck::default();
-    let stdio = HostStdio {
+    let stdio = HostIo::Pipes {
         stdin: None,
         stdout: Some(Box::new(check.clone())),
         stderr: Some(Box::new(Capture::default())),
@@ -139,7 +140,7 @@ fn one_vm_signals_streams_failures_and_register_state() {
     );
 
     // A missing program: 127, and the agent still serves.
-    let stdio = HostStdio {
+    let stdio = HostIo::Pipes {
         stdin: None,
         stdout: None,
         stderr: None,

@@ -6,11 +6,11 @@
 use std::process::Command;
 use std::time::Duration;
 
+use runtime_cli::initramfs::Initramfs;
 use runvm_tests::{
     boot_check_init, kernel, run_with_timeout, runvm_bin, skip_unless, token, vm_test_unavailable,
     Finished, TempDir,
 };
-use vmm::initramfs::Initramfs;
 
 /// Generous: a cold boot takes ~10-25 s on software-emulated KVM, well under 1 s on hardware.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);

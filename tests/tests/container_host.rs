@@ -8,7 +8,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use agent_protocol::{ContainerSpec, Mount, ProcessSpec, Share, StreamKind};
-use runtime_cli::agent_client::{start_process, ClientError, HostStdio, Launch};
+use runtime_cli::agent_client::{start_process, ClientError, Launch};
+use runtime_cli::relay::HostIo;
 use runvm_tests::{
     agent_bin, busybox, busybox_rootfs, default_container_spec, skip_unless, token, Capture,
     HostAgent, TempDir,
@@ -61,7 +62,7 @@ fn run(agent: &HostAgent, id: &str, args: &[&str], launch: Launch) -> Result<Out
     let client = agent.client();
     let mut control = client.control()?;
     let (out, err) = (Capture::default(), Capture::default());
-    let stdio = HostStdio {
+    let stdio = HostIo::Pipes {
         stdin: None,
         stdout: Some(Box::new(out.clone())),
         stderr: Some(Box::new(err.clone())),
@@ -148,7 +149,7 @@ fn later_processes_join_the_container() {
     let agent = HostAgent::start();
     let client = agent.client();
     let mut control = client.control().unwrap();
-    let stdio = HostStdio {
+    let stdio = HostIo::Pipes {
         stdin: None,
         stdout: Some(Box::new(Capture::default())),
         stderr: None,

@@ -11,9 +11,11 @@
 
 mod frame;
 mod messages;
+mod security;
 
 pub use frame::{read_frame, write_frame, FrameError, MAX_FRAME};
 pub use messages::*;
+pub use security::*;
 
 /// The protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u32 = 1;

@@ -84,6 +84,10 @@ pub struct ProcessSpec {
     pub no_new_privileges: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oom_score_adj: Option<i32>,
+    /// The capability sets; `None` leaves the process with the caller's (an exec'd process
+    /// gets its container's init's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<crate::Capabilities>,
 }
 
 fn root_dir() -> String {
@@ -159,6 +163,28 @@ pub struct ContainerSpec {
     /// chroot instead of pivot_root (`runc --no-pivot`).
     #[serde(default)]
     pub no_pivot: bool,
+    /// `linux.sysctl`, applied in the guest (the whole guest kernel is the container's).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub sysctl: std::collections::BTreeMap<String, String>,
+    /// The processes run in a user namespace with these mappings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_namespace: Option<UserNamespace>,
+    /// `linux.rootfsPropagation`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs_propagation: Option<String>,
+    /// `linux.seccomp`, for every process of the container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seccomp: Option<crate::Seccomp>,
+}
+
+/// A user namespace and its id maps.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UserNamespace {
+    #[serde(default)]
+    pub uid_mappings: Vec<crate::IdMapping>,
+    #[serde(default)]
+    pub gid_mappings: Vec<crate::IdMapping>,
 }
 
 /// Which stdio streams the host attaches to a process that has no terminal. A stream the
@@ -181,7 +207,7 @@ pub enum Request {
     /// every later process joins them.
     Create {
         id: String,
-        process: ProcessSpec,
+        process: Box<ProcessSpec>,
         #[serde(default)]
         stdio: Stdio,
         #[serde(default)]

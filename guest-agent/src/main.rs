@@ -6,6 +6,7 @@
 //! With `--listen unix:PATH` it runs as an ordinary host process with the same protocol
 //! over a Unix socket, for fast tests of everything but the PID-1 duties.
 
+mod confine;
 mod conn;
 mod container;
 mod init;

@@ -206,7 +206,7 @@ fn dispatch(request: Request, procs: &Arc<Processes>) -> Response {
             stdio,
             init,
             container,
-        } => match procs.create(&id, process, stdio, init, container.map(|c| *c)) {
+        } => match procs.create(&id, *process, stdio, init, container.map(|c| *c)) {
             Ok(()) => Response::Ok,
             Err(e) => start_error(e),
         },

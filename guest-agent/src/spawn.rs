@@ -168,6 +168,16 @@ impl ExecSettings {
     /// Applies them to the calling process: umask, OOM score, rlimits, groups, gid, uid,
     /// no_new_privileges. Makes system calls only.
     pub fn apply(&self) -> std::io::Result<()> {
+        self.apply_limits()?;
+        self.apply_user()?;
+        if self.no_new_privs {
+            nix::sys::prctl::set_no_new_privs()?;
+        }
+        Ok(())
+    }
+
+    /// The umask, the OOM score and the resource limits.
+    pub fn apply_limits(&self) -> std::io::Result<()> {
         if let Some(mask) = self.umask {
             nix::sys::stat::umask(mask);
         }
@@ -179,12 +189,14 @@ impl ExecSettings {
         for (res, soft, hard) in &self.limits {
             nix::sys::resource::setrlimit(*res, *soft, *hard)?;
         }
+        Ok(())
+    }
+
+    /// The supplementary groups, the gid and the uid.
+    pub fn apply_user(&self) -> std::io::Result<()> {
         nix::unistd::setgroups(&self.groups)?;
         nix::unistd::setgid(self.gid)?;
         nix::unistd::setuid(self.uid)?;
-        if self.no_new_privs {
-            nix::sys::prctl::set_no_new_privs()?;
-        }
         Ok(())
     }
 }

@@ -208,7 +208,7 @@ impl Control {
     ) -> Result<(), ClientError> {
         self.expect_ok(&Request::Create {
             id: id.into(),
-            process,
+            process: Box::new(process),
             stdio,
             init,
             container: container.map(Box::new),

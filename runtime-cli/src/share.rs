@@ -4,13 +4,14 @@
 //!
 //! ```text
 //! <state>/share            tmpfs, read-only once assembled
-//!   rootfs                 the bundle's rootfs (rbind, nosuid,nodev [,ro])
+//!   rootfs                 the bundle's rootfs (rbind, nosuid,nodev)
 //!   mounts/<n>             each bind-mount source (rbind, nosuid,nodev [,ro])
 //! ```
 //!
 //! `nosuid,nodev` on the host side mean that device nodes and set-id files the guest
 //! creates in the share give nothing on the host; read-only binds are enforced by the
-//! host (EROFS), not only by the guest's mount flags.
+//! host (EROFS), not only by the guest's mount flags. A read-only root (`root.readonly`) is
+//! made read-only by the guest, after it created the spec's missing mount points in it.
 
 use std::path::Path;
 
@@ -74,12 +75,7 @@ fn bind(source: &Path, target: &Path, readonly: bool) -> Result<(), ShareError> 
 }
 
 /// Assembles the share at `dir` (in the caller's private mount namespace).
-pub fn build(
-    dir: &Path,
-    rootfs: &Path,
-    root_readonly: bool,
-    binds: &[ShareBind],
-) -> Result<(), ShareError> {
+pub fn build(dir: &Path, rootfs: &Path, binds: &[ShareBind]) -> Result<(), ShareError> {
     let io = |what: &'static str, p: &Path| {
         let path = p.display().to_string();
         move |source| ShareError::Io { what, path, source }
@@ -99,7 +95,9 @@ pub fn build(
     })?;
     let root_target = dir.join(SHARE_ROOTFS);
     std::fs::create_dir(&root_target).map_err(io("creating", &root_target))?;
-    bind(rootfs, &root_target, root_readonly)?;
+    // Writable even for a read-only root: the guest creates the mount points the spec
+    // needs and then makes its root read-only, as runc does (see docs/SECURITY.md).
+    bind(rootfs, &root_target, false)?;
     let mounts = dir.join("mounts");
     std::fs::create_dir(&mounts).map_err(io("creating", &mounts))?;
     for b in binds {

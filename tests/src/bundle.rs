@@ -113,6 +113,10 @@ pub fn default_container_spec(share: agent_protocol::Share) -> agent_protocol::C
         .to_vec(),
         devices: Vec::new(),
         no_pivot: false,
+        sysctl: Default::default(),
+        user_namespace: None,
+        rootfs_propagation: None,
+        seccomp: None,
     }
 }
 

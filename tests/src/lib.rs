@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 pub mod agent;
 pub mod bundle;
 pub mod clients;
+pub mod host_container;
 
 pub use agent::*;
 pub use bundle::*;

@@ -7,81 +7,11 @@
 use std::path::Path;
 use std::time::Duration;
 
-use agent_protocol::{ContainerSpec, Mount, ProcessSpec, Share, StreamKind};
+use agent_protocol::{ContainerSpec, Mount, StreamKind};
 use runtime_cli::agent_client::{start_process, ClientError, Launch};
 use runtime_cli::relay::HostIo;
-use runvm_tests::{
-    agent_bin, busybox, busybox_rootfs, default_container_spec, skip_unless, token, Capture,
-    HostAgent, TempDir,
-};
-
-fn unavailable() -> Option<String> {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    agent_bin()
-        .err()
-        .or_else(|| busybox().err())
-        .or_else(|| (!root).then(|| "containers need root".to_string()))
-}
-
-fn spec(args: &[&str]) -> ProcessSpec {
-    ProcessSpec {
-        args: args.iter().map(|s| s.to_string()).collect(),
-        env: vec!["PATH=/bin:/sbin:/usr/bin:/usr/sbin".into()],
-        cwd: "/".into(),
-        ..Default::default()
-    }
-}
-
-/// A share with a busybox rootfs, and a container spec for it.
-fn share(dir: &TempDir) -> ContainerSpec {
-    busybox_rootfs(&dir.path().join("rootfs")).unwrap();
-    std::fs::create_dir_all(dir.path().join("mounts")).unwrap();
-    default_container_spec(Share::Directory {
-        path: dir.path().to_string_lossy().into_owned(),
-    })
-}
-
-fn bind(share_source: &str, dest: &str, opts: &[&str]) -> Mount {
-    Mount {
-        destination: dest.into(),
-        kind: "bind".into(),
-        source: share_source.into(),
-        options: opts.iter().map(|s| s.to_string()).collect(),
-        share_source: true,
-    }
-}
-
-struct Out {
-    status: i32,
-    out: String,
-    err: String,
-}
-
-fn run(agent: &HostAgent, id: &str, args: &[&str], launch: Launch) -> Result<Out, ClientError> {
-    let client = agent.client();
-    let mut control = client.control()?;
-    let (out, err) = (Capture::default(), Capture::default());
-    let stdio = HostIo::Pipes {
-        stdin: None,
-        stdout: Some(Box::new(out.clone())),
-        stderr: Some(Box::new(err.clone())),
-    };
-    let p = start_process(&client, &mut control, id, spec(args), stdio, launch)?;
-    let status = p.finish(&mut control)?;
-    Ok(Out {
-        status,
-        out: out.text(),
-        err: err.text(),
-    })
-}
-
-fn init(c: ContainerSpec) -> Launch {
-    Launch {
-        init: true,
-        container: Some(c),
-    }
-}
+use runvm_tests::host_container::{bind, init, run, share, spec, unavailable};
+use runvm_tests::{skip_unless, token, Capture, HostAgent, TempDir};
 
 #[test]
 fn the_init_process_gets_its_own_root_namespaces_and_mounts() {

@@ -31,6 +31,8 @@ pub struct HelperSetup {
     /// ...or join the one whose init has this pid.
     pub join: Option<i32>,
     pub process: ProcessSpec,
+    /// The container's seccomp profile (every process of the container gets it).
+    pub seccomp: Option<agent_protocol::Seccomp>,
     /// Where the share is visible to the agent.
     pub share_root: String,
     /// The host profile's environment (see `spawn::set_profile_env`).
@@ -43,6 +45,9 @@ pub enum HelperReport {
     /// Prepared and waiting for the start; a terminal master comes with it when the
     /// process has a terminal.
     Ready,
+    /// In its new user namespace: the agent writes the id maps (only a process outside
+    /// the namespace can), then sends one byte.
+    MapIds,
     /// Preparing or exec failed; `status` stands for the process.
     Failed { status: i32, message: String },
 }
@@ -123,17 +128,63 @@ pub fn prepare(setup: HelperSetup, stdio: HelperStdio) -> Result<Helper, SpawnEr
         .join()
         .map_err(|_| fail(1, "container helper thread panicked".into()))?? as i32;
     let sock = UnixStream::from(ours);
+    // A helper that hangs (a file system that never answers) fails the create.
+    let _ = sock.set_read_timeout(Some(PREPARE_TIMEOUT));
     setup::send_msg(&sock, &setup, None)
         .map_err(|e| fail(1, format!("sending setup to the helper: {e}")))?;
-    match setup::recv_msg::<HelperReport>(&sock) {
-        Ok(Some((HelperReport::Ready, pty))) => Ok(Helper { pid, sock, pty }),
-        Ok(Some((HelperReport::Failed { status, message }, _))) => Err(fail(status, message)),
-        Ok(None) => Err(fail(
-            1,
-            "the container helper exited before it was ready".into(),
-        )),
-        Err(e) => Err(fail(1, format!("reading the container helper: {e}"))),
+    let userns = setup
+        .container
+        .as_ref()
+        .and_then(|c| c.user_namespace.as_ref());
+    loop {
+        match setup::recv_msg::<HelperReport>(&sock) {
+            Ok(Some((HelperReport::Ready, pty))) => {
+                let _ = sock.set_read_timeout(None);
+                return Ok(Helper { pid, sock, pty });
+            }
+            Ok(Some((HelperReport::MapIds, _))) => {
+                let Some(ns) = userns else {
+                    return Err(fail(
+                        1,
+                        "the helper asked for id maps it has none of".into(),
+                    ));
+                };
+                write_id_maps(pid, ns)?;
+                use std::io::Write;
+                (&sock)
+                    .write_all(&[1])
+                    .map_err(|e| fail(1, format!("answering the helper: {e}")))?;
+            }
+            Ok(Some((HelperReport::Failed { status, message }, _))) => {
+                return Err(fail(status, message))
+            }
+            Ok(None) => {
+                return Err(fail(
+                    1,
+                    "the container helper exited before it was ready".into(),
+                ))
+            }
+            Err(e) => return Err(fail(1, format!("reading the container helper: {e}"))),
+        }
     }
+}
+
+/// How long a helper may take to prepare the container.
+const PREPARE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Writes the uid and gid maps of the user namespace the helper `pid` just entered.
+fn write_id_maps(pid: i32, ns: &agent_protocol::UserNamespace) -> Result<(), SpawnError> {
+    let lines = |maps: &[agent_protocol::IdMapping]| {
+        maps.iter()
+            .map(|m| format!("{} {} {}\n", m.container_id, m.host_id, m.size))
+            .collect::<String>()
+    };
+    for (file, maps) in [("uid_map", &ns.uid_mappings), ("gid_map", &ns.gid_mappings)] {
+        let path = format!("/proc/{pid}/{file}");
+        std::fs::write(&path, lines(maps))
+            .map_err(|e| fail(1, format!("writing the container's {file}: {e}")))?;
+    }
+    Ok(())
 }
 
 impl Helper {
@@ -147,7 +198,7 @@ impl Helper {
             // End of stream: the socket closed on exec.
             Ok(None) => Ok(()),
             Ok(Some((HelperReport::Failed { status, message }, _))) => Err(fail(status, message)),
-            Ok(Some((HelperReport::Ready, _))) => {
+            Ok(Some((HelperReport::Ready | HelperReport::MapIds, _))) => {
                 Err(fail(1, "unexpected report from the helper".into()))
             }
             Err(e) => Err(fail(1, format!("reading the helper: {e}"))),

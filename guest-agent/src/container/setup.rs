@@ -16,15 +16,19 @@ use agent_protocol::{read_frame, write_frame};
 use nix::sched::CloneFlags;
 
 use super::{mounts, HelperReport, HelperSetup, HELPER_FD};
-use crate::spawn::{self, ExecSettings, SpawnError};
+use crate::confine::Confinement;
+use crate::spawn::{self, SpawnError};
 
 fn fail(status: i32, message: String) -> SpawnError {
     spawn::fail(status, message)
 }
 
 /// Joins the namespaces of the container whose init is `pid` (uts, ipc, then mount,
-/// which also moves us into its root).
-fn join(pid: i32) -> Result<(), SpawnError> {
+/// which also moves us into its root). Returns its user namespace when it has one of its
+/// own, to join last: once in it, namespaces owned by the agent's could not be joined.
+/// Every namespace is opened first: inside the container's mount namespace, /proc is
+/// the container's, where `pid` means something else.
+fn join(pid: i32) -> Result<Option<File>, SpawnError> {
     let open = |ns: &str| {
         File::open(format!("/proc/{pid}/ns/{ns}"))
             .map_err(|e| fail(1, format!("container init {pid} is gone ({ns}: {e})")))
@@ -34,8 +38,64 @@ fn join(pid: i32) -> Result<(), SpawnError> {
         (open("ipc")?, CloneFlags::CLONE_NEWIPC),
         (open("mnt")?, CloneFlags::CLONE_NEWNS),
     ];
+    let theirs = std::fs::read_link(format!("/proc/{pid}/ns/user"));
+    let ours = std::fs::read_link("/proc/self/ns/user");
+    let user = match (theirs, ours) {
+        (Ok(t), Ok(o)) if t != o => Some(open("user")?),
+        _ => None,
+    };
     for (f, kind) in files {
         nix::sched::setns(f, kind).map_err(|e| fail(1, format!("joining {kind:?}: {e}")))?;
+    }
+    Ok(user)
+}
+
+/// Joins the container's user namespace (from [`join`]) and becomes its root.
+fn join_user(ns: File) -> Result<(), SpawnError> {
+    nix::sched::setns(ns, CloneFlags::CLONE_NEWUSER)
+        .map_err(|e| fail(1, format!("joining the user namespace: {e}")))?;
+    become_root_in_namespace()
+}
+
+/// In a user namespace whose maps are written: become its root (the creator has every
+/// capability in it, so it may).
+fn become_root_in_namespace() -> Result<(), SpawnError> {
+    let root_g = nix::unistd::Gid::from_raw(0);
+    let root_u = nix::unistd::Uid::from_raw(0);
+    nix::unistd::setresgid(root_g, root_g, root_g)
+        .and_then(|()| nix::unistd::setresuid(root_u, root_u, root_u))
+        .map_err(|e| {
+            fail(
+                1,
+                format!("becoming root in the user namespace (is 0 mapped?): {e}"),
+            )
+        })
+}
+
+/// Enters a new user namespace and waits until the agent wrote its id maps.
+fn enter_user_namespace(sock: &UnixStream) -> Result<(), SpawnError> {
+    nix::sched::unshare(CloneFlags::CLONE_NEWUSER)
+        .map_err(|e| fail(1, format!("new user namespace: {e}")))?;
+    send_msg(sock, &HelperReport::MapIds, None)
+        .map_err(|e| fail(1, format!("asking for id maps: {e}")))?;
+    let mut b = [0u8; 1];
+    match (&*sock).read(&mut b) {
+        Ok(1) => become_root_in_namespace(),
+        _ => Err(fail(1, "the agent did not write the id maps".into())),
+    }
+}
+
+/// Applies `linux.sysctl` (in the container's namespaces; the guest kernel is its own).
+fn apply_sysctl(sysctl: &std::collections::BTreeMap<String, String>) -> Result<(), SpawnError> {
+    for (key, value) in sysctl {
+        let path = Path::new("/proc/sys").join(key.replace('.', "/"));
+        if !path.exists() {
+            return Err(fail(
+                1,
+                format!("sysctl {key} does not exist in the guest kernel"),
+            ));
+        }
+        std::fs::write(&path, value).map_err(|e| fail(1, format!("sysctl {key}={value}: {e}")))?;
     }
     Ok(())
 }
@@ -78,25 +138,36 @@ fn terminal(size: Option<agent_protocol::ConsoleSize>) -> Result<OwnedFd, SpawnE
     Ok(master.into())
 }
 
-/// Everything before the start: namespaces, root, terminal. Returns the terminal master.
-fn prepare(setup: &HelperSetup) -> Result<Option<OwnedFd>, SpawnError> {
+/// Builds the container: namespaces, sysctls, the root and its mounts, the hostname.
+fn build(spec: &agent_protocol::ContainerSpec, share_root: &str) -> Result<(), SpawnError> {
+    nix::sched::unshare(
+        CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC,
+    )
+    .map_err(|e| fail(1, format!("unshare: {e}")))?;
+    apply_sysctl(&spec.sysctl)?;
+    let share = Path::new(share_root);
+    let mount_err = |e: mounts::MountError| fail(1, agent_protocol::error_line(&e));
+    mounts::build_root(spec, share).map_err(mount_err)?;
+    mounts::enter_root(spec.no_pivot).map_err(mount_err)?;
+    mounts::set_root_propagation(spec.rootfs_propagation.as_deref()).map_err(mount_err)?;
+    mounts::finish_root(spec).map_err(mount_err)?;
+    if let Some(h) = &spec.hostname {
+        nix::unistd::sethostname(h).map_err(|e| fail(1, format!("hostname {h:?}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Everything before the start: namespaces, root, confinement checks, user namespace,
+/// terminal. Returns the confinement to apply at exec and the terminal master.
+fn prepare(
+    setup: &HelperSetup,
+    sock: &UnixStream,
+) -> Result<(Confinement, Option<OwnedFd>), SpawnError> {
     nix::unistd::setsid().map_err(|e| fail(1, format!("setsid: {e}")))?;
+    let mut user = None;
     match (&setup.container, setup.join) {
-        (Some(spec), None) => {
-            nix::sched::unshare(
-                CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC,
-            )
-            .map_err(|e| fail(1, format!("unshare: {e}")))?;
-            let share = Path::new(&setup.share_root);
-            let mount_err = |e: mounts::MountError| fail(1, agent_protocol::error_line(&e));
-            mounts::build_root(spec, share).map_err(mount_err)?;
-            mounts::enter_root(spec.no_pivot).map_err(mount_err)?;
-            mounts::finish_root(spec).map_err(mount_err)?;
-            if let Some(h) = &spec.hostname {
-                nix::unistd::sethostname(h).map_err(|e| fail(1, format!("hostname {h:?}: {e}")))?;
-            }
-        }
-        (None, Some(pid)) => join(pid)?,
+        (Some(spec), None) => build(spec, &setup.share_root)?,
+        (None, Some(pid)) => user = join(pid)?,
         _ => {
             return Err(fail(
                 1,
@@ -114,17 +185,28 @@ fn prepare(setup: &HelperSetup) -> Result<Option<OwnedFd>, SpawnError> {
     if let Some(name) = setup.process.args.first() {
         spawn::resolve(name, path_var, &setup.process.cwd)?;
     }
-    if setup.process.terminal {
-        return terminal(setup.process.console_size).map(Some);
+    let confinement = Confinement::prepare(&setup.process, setup.seccomp.as_ref())?;
+    // Limits that only the host's root may raise, before a user namespace takes that away.
+    confinement
+        .apply_limits()
+        .map_err(|e| fail(1, format!("resource limits: {e}")))?;
+    match (&setup.container, user) {
+        (Some(spec), _) if spec.user_namespace.is_some() => enter_user_namespace(sock)?,
+        (None, Some(ns)) => join_user(ns)?,
+        _ => {}
     }
-    Ok(None)
+    let pty = match setup.process.terminal {
+        true => Some(terminal(setup.process.console_size)?),
+        false => None,
+    };
+    Ok((confinement, pty))
 }
 
 fn report(sock: &UnixStream, r: &HelperReport, fd: Option<&OwnedFd>) {
     let _ = send_msg(sock, r, fd);
 }
 
-fn exec(setup: &HelperSetup) -> SpawnError {
+fn exec(setup: &HelperSetup, confinement: &Confinement) -> SpawnError {
     let p = &setup.process;
     let env = spawn::environment(p);
     let path_var = env
@@ -138,15 +220,8 @@ fn exec(setup: &HelperSetup) -> SpawnError {
     if let Err(e) = nix::unistd::chdir(Path::new(&p.cwd)) {
         return fail(1, format!("working directory {}: {e}", p.cwd));
     }
-    let settings = match ExecSettings::from_spec(p) {
-        Ok(s) => s,
-        Err(e) => return e,
-    };
-    if let Err(e) = settings.apply() {
-        return fail(
-            1,
-            format!("setting up user {}:{}: {e}", p.user.uid, p.user.gid),
-        );
+    if let Err(e) = confinement.apply() {
+        return e;
     }
     let cstr = |s: &str| std::ffi::CString::new(s).unwrap_or_default();
     let args: Vec<_> = p.args.iter().map(|a| cstr(a)).collect();
@@ -175,8 +250,11 @@ pub fn run() -> ! {
         _ => std::process::exit(1),
     };
     spawn::set_profile_env_to(setup.profile_env.clone());
-    match prepare(&setup) {
-        Ok(pty) => report(&sock, &HelperReport::Ready, pty.as_ref()),
+    let confinement = match prepare(&setup, &sock) {
+        Ok((confinement, pty)) => {
+            report(&sock, &HelperReport::Ready, pty.as_ref());
+            confinement
+        }
         Err(e) => {
             report(
                 &sock,
@@ -188,13 +266,13 @@ pub fn run() -> ! {
             );
             std::process::exit(e.status);
         }
-    }
+    };
     // Wait for the start (one byte); a closed socket means the container was deleted.
     let mut b = [0u8; 1];
     if !matches!(sock.read(&mut b), Ok(1)) {
         std::process::exit(1);
     }
-    let e = exec(&setup);
+    let e = exec(&setup, &confinement);
     report(
         &sock,
         &HelperReport::Failed {

@@ -160,8 +160,19 @@ struct Prepared {
 pub struct Processes {
     table: Mutex<HashMap<String, Proc>>,
     changed: Condvar,
-    /// Where the container's share is visible, once its init was created.
-    share_root: Mutex<Option<String>>,
+    /// The container, once its init was created.
+    container: Mutex<Option<ContainerContext>>,
+}
+
+/// What later processes of the container take from it.
+#[derive(Clone, Debug, Default)]
+struct ContainerContext {
+    /// Where the share is visible.
+    share_root: String,
+    /// Its seccomp profile, which every process gets.
+    seccomp: Option<agent_protocol::Seccomp>,
+    /// The init's capabilities: an exec'd process that names none gets these.
+    capabilities: Option<agent_protocol::Capabilities>,
 }
 
 fn stdio_err(id: &str) -> impl FnOnce(std::io::Error) -> ProcessError + '_ {
@@ -181,8 +192,8 @@ impl Processes {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn share_root(&self) -> MutexGuard<'_, Option<String>> {
-        self.share_root.lock().unwrap_or_else(|e| e.into_inner())
+    fn container(&self) -> MutexGuard<'_, Option<ContainerContext>> {
+        self.container.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Registers process `id`. A plain process is only checked now (its executable) and
@@ -237,7 +248,7 @@ impl Processes {
 
     /// The pid of the container's init process, if a container exists and still runs.
     fn container_init(&self) -> Option<i32> {
-        self.share_root().as_ref()?;
+        self.container().as_ref()?;
         let t = self.lock();
         t.values()
             .find(|p| p.init && p.status.is_none())
@@ -251,14 +262,22 @@ impl Processes {
         container_spec: Option<ContainerSpec>,
         join: Option<i32>,
     ) -> Result<Prepared, StartError> {
-        let share_root = match &container_spec {
+        let mut process = spec.clone();
+        let context = match &container_spec {
             Some(c) => {
-                let root = container::mount_share(&c.share).map_err(ProcessError::from)?;
-                *self.share_root() = Some(root.clone());
-                root
+                let ctx = ContainerContext {
+                    share_root: container::mount_share(&c.share).map_err(ProcessError::from)?,
+                    seccomp: c.seccomp.clone(),
+                    capabilities: spec.capabilities.clone(),
+                };
+                *self.container() = Some(ctx.clone());
+                ctx
             }
-            None => self.share_root().clone().unwrap_or_default(),
+            None => self.container().clone().unwrap_or_default(),
         };
+        if process.capabilities.is_none() {
+            process.capabilities = context.capabilities.clone();
+        }
         let mut helper_stdio = HelperStdio::default();
         let (mut stdin, mut stdout, mut stderr) = (None, None, None);
         if !spec.terminal {
@@ -281,8 +300,9 @@ impl Processes {
         let setup = HelperSetup {
             container: container_spec,
             join,
-            process: spec.clone(),
-            share_root,
+            process,
+            seccomp: context.seccomp,
+            share_root: context.share_root,
             profile_env: spawn::profile_env(),
         };
         let helper = container::prepare(setup, helper_stdio)?;

@@ -8,6 +8,7 @@
 //! VM once the process's status and all of its output are in.
 
 mod control_server;
+mod namespaces;
 mod terminal;
 
 use std::fs::File;
@@ -26,7 +27,7 @@ use crate::ready::ReadyWriter;
 use crate::relay::{self, HostIo, Relay};
 use crate::sandbox::{Sandbox, SandboxError};
 use crate::state::{files, StateDir};
-use crate::translate::{NetworkNs, Plan};
+use crate::translate::Plan;
 use crate::util::lock;
 use crate::{cgroup, share};
 use control_server::MainRequest;
@@ -61,20 +62,8 @@ pub struct SupervisorConfig {
 pub enum SupervisorError {
     #[error("blocking signals: {0}")]
     Signals(#[source] nix::Error),
-    #[error("new network namespace: {0}")]
-    NewNetworkNamespace(#[source] nix::Error),
-    #[error("network namespace {path}: {source}")]
-    OpenNetworkNamespace {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("joining network namespace {path}: {source}")]
-    JoinNetworkNamespace {
-        path: PathBuf,
-        #[source]
-        source: nix::Error,
-    },
+    #[error(transparent)]
+    Namespace(#[from] namespaces::NamespaceError),
     #[error(transparent)]
     Share(#[from] share::ShareError),
     #[error(transparent)]
@@ -171,29 +160,6 @@ impl Prepared {
     }
 }
 
-/// Puts the VMM process in the container's network namespace (see [`NetworkNs`]).
-fn enter_network_namespace(ns: &NetworkNs) -> Result<(), SupervisorError> {
-    use nix::sched::{setns, unshare, CloneFlags};
-    match ns {
-        NetworkNs::Host => Ok(()),
-        NetworkNs::New => {
-            unshare(CloneFlags::CLONE_NEWNET).map_err(SupervisorError::NewNetworkNamespace)
-        }
-        NetworkNs::Join(path) => {
-            let f = File::open(path).map_err(|source| SupervisorError::OpenNetworkNamespace {
-                path: path.clone(),
-                source,
-            })?;
-            setns(f, CloneFlags::CLONE_NEWNET).map_err(|source| {
-                SupervisorError::JoinNetworkNamespace {
-                    path: path.clone(),
-                    source,
-                }
-            })
-        }
-    }
-}
-
 /// Prepares the container: everything up to the init process blocked before exec.
 /// Must be called before the process has any thread.
 pub fn prepare(cfg: &SupervisorConfig) -> Result<Prepared, SupervisorError> {
@@ -203,11 +169,12 @@ pub fn prepare(cfg: &SupervisorConfig) -> Result<Prepared, SupervisorError> {
     // report EPIPE instead of killing the VMM.
     unsafe { nix::sys::signal::signal(Signal::SIGPIPE, nix::sys::signal::SigHandler::SigIgn) }
         .map_err(SupervisorError::Signals)?;
-    enter_network_namespace(&cfg.plan.network)?;
+    let hostname = cfg.plan.container.hostname.as_deref();
+    namespaces::enter_all(&cfg.plan.namespaces, hostname)?;
     share::private_mount_namespace()?;
     let share_dir = cfg.state.file(files::SHARE);
     let plan = &cfg.plan;
-    share::build(&share_dir, &plan.rootfs, plan.root_readonly, &plan.binds)?;
+    share::build(&share_dir, &plan.rootfs, &plan.binds)?;
     if let Some(path) = &plan.cgroups_path {
         cgroup::join(path, &plan.resources, cfg.systemd_cgroup)?;
     }

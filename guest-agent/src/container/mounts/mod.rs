@@ -40,6 +40,8 @@ pub enum MountError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{0:?} is not a mount propagation")]
+    Propagation(String),
     #[error("too many symlinks resolving {0}")]
     SymlinkLoop(String),
     #[error("device {path} has unknown type {kind:?}")]
@@ -306,6 +308,19 @@ pub fn enter_root(no_pivot: bool) -> Result<(), MountError> {
         umount2(".", MntFlags::MNT_DETACH).map_err(sys("detaching the old root", "/"))?;
     }
     nix::unistd::chdir("/").map_err(sys("chdir", "/"))
+}
+
+/// Gives the new root the propagation `linux.rootfsPropagation` asks for (after
+/// [`enter_root`]); without one the root stays private, as the rest of the container.
+pub fn set_root_propagation(propagation: Option<&str>) -> Result<(), MountError> {
+    let Some(name) = propagation else {
+        return Ok(());
+    };
+    let flags = parse_options(&[name.to_string()])
+        .propagation
+        .ok_or_else(|| MountError::Propagation(name.to_string()))?;
+    mount(None::<&str>, "/", None::<&str>, flags, None::<&str>)
+        .map_err(sys("setting the propagation of", "/"))
 }
 
 /// Masked paths (hidden behind /dev/null or an empty read-only tmpfs), read-only paths,

@@ -8,6 +8,10 @@ use agent_protocol::{ConsoleSize, ContainerSpec, Device, Mount, ProcessSpec, Rli
 use oci_spec::runtime::LinuxDeviceType;
 use vmm::{ConsoleOutput, VmConfig};
 
+mod isolation;
+
+pub use isolation::{VmmNamespace, VmmNamespaces};
+
 use crate::assets::Assets;
 use crate::bundle::Bundle;
 
@@ -59,41 +63,13 @@ pub struct Plan {
     pub process: ProcessSpec,
     pub container: ContainerSpec,
     pub rootfs: PathBuf,
-    pub root_readonly: bool,
     pub binds: Vec<ShareBind>,
     pub cgroups_path: Option<String>,
     pub resources: crate::cgroup::Resources,
     /// `linux.resources.memory.limit` as the spec gives it (the guest's RAM).
     pub memory_limit: Option<i64>,
-    pub network: NetworkNs,
-}
-
-/// The network namespace the VMM process lives in. The guest has no network device yet, so
-/// this only decides where hooks that configure "the container's" network (Docker's
-/// libnetwork prestart hook enters `/proc/<pid>/ns/net`) do their work: never the host's
-/// namespace unless the spec asks for it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum NetworkNs {
-    /// No `network` entry in `linux.namespaces`: the host's.
-    Host,
-    /// A `network` entry without a path: a new, empty one.
-    New,
-    /// A `network` entry with a path: join it.
-    Join(PathBuf),
-}
-
-fn network(linux: &oci_spec::runtime::Linux) -> NetworkNs {
-    let ns = linux.namespaces().as_deref().unwrap_or_default();
-    match ns
-        .iter()
-        .find(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Network)
-    {
-        None => NetworkNs::Host,
-        Some(n) => match n.path() {
-            Some(p) if !p.as_os_str().is_empty() => NetworkNs::Join(p.clone()),
-            _ => NetworkNs::New,
-        },
-    }
+    /// The namespaces the VMM process takes (see [`VmmNamespaces`]).
+    pub namespaces: VmmNamespaces,
 }
 
 fn is_bind(kind: &str, options: &[String]) -> bool {
@@ -216,6 +192,7 @@ pub fn process_spec(p: &oci_spec::runtime::Process) -> ProcessSpec {
             .collect(),
         no_new_privileges: p.no_new_privileges().unwrap_or(false),
         oom_score_adj: p.oom_score_adj(),
+        capabilities: isolation::capabilities(p),
     }
 }
 
@@ -371,9 +348,12 @@ pub fn plan(bundle: &Bundle, no_pivot: bool) -> Result<Plan, TranslateError> {
             readonly_paths: linux.readonly_paths().clone().unwrap_or_default(),
             devices: devices(&linux),
             no_pivot,
+            sysctl: isolation::sysctl(&linux)?,
+            user_namespace: isolation::user_namespace(&linux)?,
+            rootfs_propagation: isolation::rootfs_propagation(&linux)?,
+            seccomp: isolation::seccomp(&bundle.raw)?,
         },
         rootfs: bundle.rootfs.clone(),
-        root_readonly,
         binds,
         cgroups_path: linux
             .cgroups_path()
@@ -384,7 +364,7 @@ pub fn plan(bundle: &Bundle, no_pivot: bool) -> Result<Plan, TranslateError> {
             .resources()
             .as_ref()
             .and_then(|r| r.memory().as_ref().and_then(|m| m.limit())),
-        network: network(&linux),
+        namespaces: isolation::vmm_namespaces(&linux),
     })
 }
 
@@ -451,11 +431,11 @@ mod tests {
             ("bind", "mounts/1")
         );
         assert_eq!(p.container.hostname.as_deref(), Some("h"));
-        assert!(p.root_readonly && p.container.readonly);
+        assert!(p.container.readonly);
         assert_eq!(p.container.devices[0].kind, "c");
         assert_eq!(p.container.masked_paths, ["/proc/kcore"]);
         assert_eq!(p.cgroups_path.as_deref(), Some("/runvm/x"));
-        assert_eq!(p.network, NetworkNs::Host);
+        assert_eq!(p.namespaces.network, None);
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -517,13 +497,16 @@ mod tests {
         let mut cfg = base();
         cfg["linux"]["namespaces"] = serde_json::json!([{"type": "network"}, {"type": "pid"}]);
         let (dir, b) = bundle(cfg.clone());
-        assert_eq!(plan(&b, false).unwrap().network, NetworkNs::New);
+        assert_eq!(
+            plan(&b, false).unwrap().namespaces.network,
+            Some(VmmNamespace::New)
+        );
         std::fs::remove_dir_all(dir).unwrap();
         cfg["linux"]["namespaces"][0]["path"] = "/proc/1/ns/net".into();
         let (dir, b) = bundle(cfg);
         assert_eq!(
-            plan(&b, false).unwrap().network,
-            NetworkNs::Join("/proc/1/ns/net".into())
+            plan(&b, false).unwrap().namespaces.network,
+            Some(VmmNamespace::Join("/proc/1/ns/net".into()))
         );
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -8,6 +8,7 @@ pub mod agent;
 pub mod bundle;
 pub mod clients;
 pub mod host_container;
+pub mod watchdog;
 
 pub use agent::*;
 pub use bundle::*;
@@ -137,7 +138,9 @@ pub fn runvm_bin() -> Result<PathBuf, String> {
 }
 
 /// Everything a boot test needs, or the reason it cannot run.
+/// Arms the binary's [`watchdog`] as well: every VM test passes through here.
 pub fn vm_test_unavailable() -> Option<String> {
+    watchdog::arm();
     kvm_unavailable()
         .or_else(|| kernel().err())
         .or_else(|| runvm_bin().err())

@@ -113,6 +113,40 @@ fn foreground_options(d: &Engine) {
     );
 }
 
+/// Docker's confinement holds in the guest: a read-only root with a tmpfs on a path the
+/// image lacks, a capability set cut down to one, and Docker's default seccomp profile.
+fn read_only_capabilities_and_seccomp(d: &Engine) {
+    let script = "grep -E '^(CapEff|CapBnd|Seccomp|NoNewPrivs):' /proc/self/status; \
+                  touch /newdir/ok && echo newdir=ok; \
+                  touch /rootfile 2>/dev/null || echo root=read-only";
+    let f = d.docker_cmd(
+        &[
+            "run",
+            "--rm",
+            "--runtime",
+            "runvm",
+            "--read-only",
+            "--tmpfs",
+            "/newdir",
+            "--cap-drop",
+            "ALL",
+            "--cap-add",
+            "NET_BIND_SERVICE",
+            IMAGE,
+            "sh",
+            "-c",
+            script,
+        ],
+        T,
+    );
+    let out = &ok(&f, "docker run --read-only --cap-drop ALL --cap-add NET_BIND_SERVICE").stdout;
+    assert_eq!(line(out, "CapEff:").trim(), "0000000000000400", "{out}");
+    assert_eq!(line(out, "CapBnd:").trim(), "0000000000000400", "{out}");
+    assert_eq!(line(out, "Seccomp:").trim(), "2", "Docker's default profile: {out}");
+    assert_eq!(line(out, "newdir="), "ok");
+    assert_eq!(line(out, "root="), "read-only");
+}
+
 fn exit_status_stdin_and_tty(d: &Engine) {
     let f = d.shell(
         &format!("echo piped-in | $DOCKER run --rm -i --runtime runvm {IMAGE} sh -c 'cat; exit 3'"),
@@ -353,6 +387,7 @@ fn docker_runs_containers_on_runvm() {
         s.spawn(|| detached_lifecycle(&d));
         s.spawn(|| stop_kill_rm_and_wait(&d));
         s.spawn(|| bad_input(&d));
+        s.spawn(|| read_only_capabilities_and_seccomp(&d));
     });
     let f = d.docker_cmd(&["ps", "-aq"], QUICK);
     assert_eq!(ok(&f, "docker ps").stdout.trim(), "", "containers left");

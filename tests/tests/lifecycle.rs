@@ -121,7 +121,7 @@ fn the_detached_lifecycle_hooks_resources_and_wrong_states() {
             "poststart": hook("poststart"),
             "poststop": hook("poststop"),
         });
-        c["linux"]["resources"] = serde_json::json!({"memory": {"limit": 200 * 1024 * 1024}, "pids": {"limit": 100}});
+        c["linux"]["resources"] = serde_json::json!({"memory": {"limit": 200 * 1024 * 1024}, "pids": {"limit": 100}, "cpu": {"cpus": "0"}});
         c["linux"]["cgroupsPath"] = cgroup.clone().into();
         c["annotations"] = serde_json::json!({"org.example.test": "yes"});
     });
@@ -131,6 +131,13 @@ fn the_detached_lifecycle_hooks_resources_and_wrong_states() {
     let r = root.path();
     let _guard = ContainerGuard::new(r, &[id]);
 
+    // A cgroup an earlier container left with a CPU quota this spec does not set.
+    let stale = format!("/sys/fs/cgroup/cpu{cgroup}");
+    let v1 = std::path::Path::new("/sys/fs/cgroup/cpu").is_dir();
+    if v1 {
+        std::fs::create_dir_all(&stale).unwrap();
+        std::fs::write(format!("{stale}/cpu.cfs_quota_us"), "10000").unwrap();
+    }
     let out = root.path().join("container.out");
     let f = runvm_to_files(
         r,
@@ -178,6 +185,12 @@ fn the_detached_lifecycle_hooks_resources_and_wrong_states() {
         .unwrap();
         // The guest's 200 MiB plus the VMM's own allowance.
         assert_eq!(limit.trim(), ((200u64 + 64) << 20).to_string());
+    }
+    if v1 {
+        let read = |f: &str| std::fs::read_to_string(f).unwrap().trim().to_string();
+        assert_eq!(read(&format!("{stale}/cpu.cfs_quota_us")), "-1", "stale quota reset");
+        let cpus = format!("/sys/fs/cgroup/cpuset{cgroup}/cpuset.cpus");
+        assert_eq!(read(&cpus), "0", "cpuset.cpus from the spec");
     }
     fails_with(
         &runvm(r, &["create", "--bundle", &bundle, id], QUICK),

@@ -4,14 +4,12 @@
 use std::io::Read;
 
 use anyhow::{anyhow, Context};
-use runtime_cli::cgroup::Resources;
-use runtime_cli::lifecycle;
+use runtime_cli::{cgroup, lifecycle};
 
 use crate::cli::{Cli, UpdateArgs};
 
-/// The limits `--resources` (OCI linux.resources JSON, "-" for stdin) and the flags ask for.
-fn resources(a: &UpdateArgs) -> anyhow::Result<Resources> {
-    let mut r = Resources::default();
+pub fn run(cli: &Cli, a: &UpdateArgs) -> anyhow::Result<()> {
+    let mut from_file = None;
     if let Some(path) = &a.resources {
         let mut text = String::new();
         if path.as_os_str() == "-" {
@@ -20,19 +18,24 @@ fn resources(a: &UpdateArgs) -> anyhow::Result<Resources> {
             text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading {}", path.display()))?;
         }
-        let res: oci_spec::runtime::LinuxResources =
+        let r: oci_spec::runtime::LinuxResources =
             serde_json::from_str(&text).context("parsing resources")?;
-        r = Resources::from_oci(&res);
+        from_file = Some(r);
     }
-    if let Some(m) = &a.memory {
-        r.memory_limit = Some(m.parse().map_err(|_| anyhow!("invalid --memory {m:?}"))?);
-    }
-    r.cpu_quota = a.cpu_quota.or(r.cpu_quota);
-    r.cpu_period = a.cpu_period.or(r.cpu_period);
-    r.pids_limit = a.pids_limit.or(r.pids_limit);
-    Ok(r)
-}
-
-pub fn run(cli: &Cli, a: &UpdateArgs) -> anyhow::Result<()> {
-    Ok(lifecycle::update(&cli.globals, &a.id, resources(a)?)?)
+    let cpu = from_file.as_ref().and_then(|r| r.cpu().clone());
+    let memory = match &a.memory {
+        Some(m) => Some(m.parse().map_err(|_| anyhow!("invalid --memory {m:?}"))?),
+        None => from_file
+            .as_ref()
+            .and_then(|r| r.memory().as_ref().and_then(|m| m.limit())),
+    };
+    let r = cgroup::update_resources(
+        a.cpu_quota.or(cpu.as_ref().and_then(|c| c.quota())),
+        a.cpu_period.or(cpu.as_ref().and_then(|c| c.period())),
+        cpu.as_ref().and_then(|c| c.shares()),
+        a.pids_limit
+            .or(from_file.as_ref().and_then(|r| r.pids().as_ref().map(|p| p.limit()))),
+    )
+    .map_err(|e| anyhow!("resources: {e}"))?;
+    Ok(lifecycle::update(&cli.globals, &a.id, memory, &r)?)
 }

@@ -72,7 +72,7 @@ pub fn check(g: &Globals, o: &CreateOptions, own_tty: bool) -> Result<Checked, L
         ));
     }
     let bundle = Bundle::load(&o.bundle)?;
-    let plan = translate::plan(&bundle, o.no_pivot)?;
+    let plan = translate::plan(&bundle, &o.id, o.no_pivot)?;
     let assets = plan.assets(g.kernel.as_deref(), g.initrd.as_deref())?;
     plan.vm_config(&assets, vmm::ConsoleOutput::Sink)
         .validate()
@@ -120,6 +120,8 @@ pub fn create(g: &Globals, o: &CreateOptions) -> Result<(), LifecycleError> {
     c.dir.create()?;
     let result = create_checked(g, o, &c);
     if result.is_err() {
+        // The VMM is gone: what it joined or made goes too.
+        crate::cgroup::remove(&c.plan.cgroups_path, g.systemd_cgroup, &o.id);
         let _ = c.dir.remove();
     }
     result
@@ -244,7 +246,7 @@ pub(super) fn record(c: &Checked, pid: i32, started: bool) -> Result<Container, 
         vmm_start_time,
         started,
         paused: false,
-        cgroups_path: c.plan.cgroups_path.clone(),
+        cgroups_path: Some(c.plan.cgroups_path.clone()),
         memory_limit: c.plan.memory_limit,
     };
     dir.save(&state)?;
@@ -290,7 +292,7 @@ pub fn vmm_serve(g: &Globals, o: &CreateOptions, ready_fd: Option<i32>) -> i32 {
         .map_err(LifecycleError::from)
         .and_then(|dir| {
             let bundle = Bundle::load(&o.bundle)?;
-            let plan = translate::plan(&bundle, o.no_pivot)?;
+            let plan = translate::plan(&bundle, &o.id, o.no_pivot)?;
             let assets = plan.assets(g.kernel.as_deref(), g.initrd.as_deref())?;
             Ok(Checked {
                 dir,

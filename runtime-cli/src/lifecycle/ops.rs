@@ -2,7 +2,9 @@
 //! `update`. Each loads the container, checks its status as of now, and acts through the
 //! VMM's control socket (or, where the VMM cannot answer, on its process directly).
 
-use crate::cgroup::{self, Resources};
+use oci_spec::runtime::LinuxResources;
+
+use crate::cgroup;
 use crate::container::Container;
 use crate::control::{ControlError, ControlRequest};
 use crate::hooks::{self, Phase};
@@ -102,7 +104,7 @@ pub fn delete(g: &Globals, id: &str, force: bool) -> Result<(), LifecycleError> 
     }
     let hooks = c.hooks();
     if let Some(path) = c.cgroups_path() {
-        cgroup::remove(&path, g.systemd_cgroup);
+        cgroup::remove(&path, g.systemd_cgroup, id);
     }
     let json = c.state_json();
     c.dir.remove()?;
@@ -136,7 +138,12 @@ pub fn set_paused(g: &Globals, id: &str, pause: bool) -> Result<(), LifecycleErr
 
 /// Changes the container's cgroup limits (CPU, pids). Guest memory cannot change while
 /// the VM runs: a different memory limit is refused.
-pub fn update(g: &Globals, id: &str, mut r: Resources) -> Result<(), LifecycleError> {
+pub fn update(
+    g: &Globals,
+    id: &str,
+    memory_limit: Option<i64>,
+    r: &LinuxResources,
+) -> Result<(), LifecycleError> {
     let c = load_live(g, id)?;
     let Some(path) = c.cgroups_path() else {
         return Err(LifecycleError::Invalid(format!(
@@ -144,14 +151,11 @@ pub fn update(g: &Globals, id: &str, mut r: Resources) -> Result<(), LifecycleEr
         )));
     };
     let current = c.state.memory_limit;
-    if r.memory_limit.is_some_and(|m| m > 0) && r.memory_limit != current {
+    if memory_limit.is_some_and(|m| m > 0) && memory_limit != current {
         return Err(LifecycleError::Invalid(format!(
             "guest memory cannot change while the VM runs (memory limit stays {current:?})"
         )));
     }
-    // Moving the VMM again applies the limits to its cgroup.
-    r.memory_limit = None;
-    let pid = c.state.pid.unwrap_or(0) as u32;
-    cgroup::apply_to(&path, &r, g.systemd_cgroup, pid)?;
+    cgroup::update(&path, r, g.systemd_cgroup, id)?;
     Ok(())
 }

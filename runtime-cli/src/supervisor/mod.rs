@@ -175,9 +175,7 @@ pub fn prepare(cfg: &SupervisorConfig) -> Result<Prepared, SupervisorError> {
     let share_dir = cfg.state.file(files::SHARE);
     let plan = &cfg.plan;
     share::build(&share_dir, &plan.rootfs, &plan.binds)?;
-    if let Some(path) = &plan.cgroups_path {
-        cgroup::join(path, &plan.resources, cfg.systemd_cgroup)?;
-    }
+    cgroup::join(&plan.cgroups_path, &plan.resources, cfg.systemd_cgroup, &cfg.state.id)?;
     let tty = match plan.process.terminal {
         true => Some(Tty::open(cfg.console_socket.as_deref(), cfg.own_tty)?),
         false => None,

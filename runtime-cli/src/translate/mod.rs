@@ -64,8 +64,10 @@ pub struct Plan {
     pub container: ContainerSpec,
     pub rootfs: PathBuf,
     pub binds: Vec<ShareBind>,
-    pub cgroups_path: Option<String>,
-    pub resources: crate::cgroup::Resources,
+    /// `linux.cgroupsPath`, or a path of runvm's for the container.
+    pub cgroups_path: String,
+    /// The limits of the VMM's cgroup.
+    pub resources: oci_spec::runtime::LinuxResources,
     /// `linux.resources.memory.limit` as the spec gives it (the guest's RAM).
     pub memory_limit: Option<i64>,
     /// The namespaces the VMM process takes (see [`VmmNamespaces`]).
@@ -196,21 +198,14 @@ pub fn process_spec(p: &oci_spec::runtime::Process) -> ProcessSpec {
     }
 }
 
-/// Bytes the VMM process may use beyond the guest's RAM before its cgroup limit hits
-/// (measured peak RSS of the VMM itself is ~24 MiB; see docs/BENCHMARKS.md).
-pub const VMM_MEMORY_OVERHEAD: i64 = 64 << 20;
-
-fn resources(linux: &oci_spec::runtime::Linux) -> crate::cgroup::Resources {
-    let Some(r) = linux.resources() else {
-        return Default::default();
-    };
-    let mut res = crate::cgroup::Resources::from_oci(r);
-    // The guest gets `limit` bytes of RAM; the VMM process that the cgroup holds needs
-    // that plus its own memory (device buffers, the virtio-fs backend, thread stacks).
-    res.memory_limit = res
-        .memory_limit
-        .map(|l| if l > 0 { l + VMM_MEMORY_OVERHEAD } else { l });
-    res
+/// What the VMM's cgroup gets (see [`crate::cgroup::host_resources`]).
+fn resources(
+    linux: &oci_spec::runtime::Linux,
+    sizing: &VmSizing,
+) -> Result<oci_spec::runtime::LinuxResources, TranslateError> {
+    let guest = i64::try_from(sizing.mem_mib << 20).unwrap_or(i64::MAX);
+    crate::cgroup::host_resources(linux.resources().as_ref(), guest)
+        .map_err(|e| TranslateError::Invalid(format!("linux.resources: {e}")))
 }
 
 impl Plan {
@@ -323,8 +318,8 @@ fn devices(linux: &oci_spec::runtime::Linux) -> Vec<Device> {
         .collect()
 }
 
-/// Translates `bundle`.
-pub fn plan(bundle: &Bundle, no_pivot: bool) -> Result<Plan, TranslateError> {
+/// Translates `bundle` for container `id`.
+pub fn plan(bundle: &Bundle, id: &str, no_pivot: bool) -> Result<Plan, TranslateError> {
     let spec = &bundle.spec;
     let (mounts, binds) = mounts(bundle)?;
     let linux = spec.linux().clone().unwrap_or_default();
@@ -333,8 +328,10 @@ pub fn plan(bundle: &Bundle, no_pivot: bool) -> Result<Plan, TranslateError> {
         .as_ref()
         .and_then(|r| r.readonly())
         .unwrap_or(false);
+    let sizing = sizing(bundle)?;
+    let resources = resources(&linux, &sizing)?;
     Ok(Plan {
-        sizing: sizing(bundle)?,
+        sizing,
         process: process(bundle)?,
         container: ContainerSpec {
             share: Share::Virtiofs {
@@ -357,9 +354,10 @@ pub fn plan(bundle: &Bundle, no_pivot: bool) -> Result<Plan, TranslateError> {
         binds,
         cgroups_path: linux
             .cgroups_path()
-            .clone()
-            .map(|p| p.to_string_lossy().into_owned()),
-        resources: resources(&linux),
+            .as_ref()
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_else(|| crate::cgroup::default_path(id)),
+        resources,
         memory_limit: linux
             .resources()
             .as_ref()
@@ -415,7 +413,7 @@ mod tests {
     #[test]
     fn binds_move_into_the_share_and_the_rest_passes_through() {
         let (dir, b) = bundle(base());
-        let p = plan(&b, false).unwrap();
+        let p = plan(&b, "c", false).unwrap();
         assert_eq!(p.binds.len(), 2);
         assert_eq!(p.binds[0].source, b.dir.join("hostfile"));
         assert!(p.binds[0].readonly);
@@ -434,7 +432,7 @@ mod tests {
         assert!(p.container.readonly);
         assert_eq!(p.container.devices[0].kind, "c");
         assert_eq!(p.container.masked_paths, ["/proc/kcore"]);
-        assert_eq!(p.cgroups_path.as_deref(), Some("/runvm/x"));
+        assert_eq!(p.cgroups_path, "/runvm/x");
         assert_eq!(p.namespaces.network, None);
         std::fs::remove_dir_all(dir).unwrap();
     }
@@ -442,7 +440,7 @@ mod tests {
     #[test]
     fn process_and_sizing_follow_the_spec() {
         let (dir, b) = bundle(base());
-        let p = plan(&b, false).unwrap();
+        let p = plan(&b, "c", false).unwrap();
         assert_eq!(p.process.args, ["sh"]);
         assert_eq!(p.process.cwd, "/w");
         assert_eq!(p.process.user.uid, 1000);
@@ -456,7 +454,7 @@ mod tests {
         let mut cfg = base();
         cfg["linux"]["resources"] = serde_json::json!({"cpu": {"cpus": "0-3,6"}});
         let (dir, b) = bundle(cfg);
-        let p = plan(&b, false).unwrap();
+        let p = plan(&b, "c", false).unwrap();
         assert_eq!(
             (p.sizing.vcpus, p.sizing.mem_mib),
             (5, vmm::config::DEFAULT_MEM_MIB)
@@ -467,7 +465,7 @@ mod tests {
         cfg["linux"]["resources"] = serde_json::json!({"memory": {"limit": 6291456}});
         let (dir, b) = bundle(cfg);
         assert!(matches!(
-            plan(&b, false),
+            plan(&b, "c", false),
             Err(TranslateError::MemoryTooSmall { .. })
         ));
         std::fs::remove_dir_all(dir).unwrap();
@@ -475,7 +473,7 @@ mod tests {
         let mut cfg = base();
         cfg["vm"] = serde_json::json!({"kernel": {"path": "/k", "parameters": ["a=1", "b"], "initrd": "/i"}, "hwConfig": {"vcpus": 3, "memory": 512}});
         let (dir, b) = bundle(cfg);
-        let p = plan(&b, false).unwrap();
+        let p = plan(&b, "c", false).unwrap();
         assert_eq!(p.sizing.kernel.as_deref(), Some(std::path::Path::new("/k")));
         assert_eq!(p.sizing.kernel_params, "a=1 b");
         assert_eq!((p.sizing.vcpus, p.sizing.mem_mib), (3, 512));
@@ -487,7 +485,7 @@ mod tests {
         let mut cfg = base();
         cfg["mounts"] = serde_json::json!([{"destination": "/x", "type": "bind", "source": "/no/such/path", "options": ["rbind"]}]);
         let (dir, b) = bundle(cfg);
-        let e = plan(&b, false).unwrap_err().to_string();
+        let e = plan(&b, "c", false).unwrap_err().to_string();
         assert!(e.contains("/no/such/path"), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
     }
@@ -498,14 +496,14 @@ mod tests {
         cfg["linux"]["namespaces"] = serde_json::json!([{"type": "network"}, {"type": "pid"}]);
         let (dir, b) = bundle(cfg.clone());
         assert_eq!(
-            plan(&b, false).unwrap().namespaces.network,
+            plan(&b, "c", false).unwrap().namespaces.network,
             Some(VmmNamespace::New)
         );
         std::fs::remove_dir_all(dir).unwrap();
         cfg["linux"]["namespaces"][0]["path"] = "/proc/1/ns/net".into();
         let (dir, b) = bundle(cfg);
         assert_eq!(
-            plan(&b, false).unwrap().namespaces.network,
+            plan(&b, "c", false).unwrap().namespaces.network,
             Some(VmmNamespace::Join("/proc/1/ns/net".into()))
         );
         std::fs::remove_dir_all(dir).unwrap();

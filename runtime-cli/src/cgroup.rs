@@ -98,7 +98,11 @@ pub fn host_resources(
     let mut mem = LinuxMemoryBuilder::default().limit(guest_bytes + VMM_MEMORY_OVERHEAD);
     if let Some(swap) = memory.swap() {
         // memory.memsw counts memory and swap together.
-        mem = mem.swap(if swap > 0 { swap + VMM_MEMORY_OVERHEAD } else { swap });
+        mem = mem.swap(if swap > 0 {
+            swap + VMM_MEMORY_OVERHEAD
+        } else {
+            swap
+        });
     }
     if let Some(s) = memory.swappiness() {
         mem = mem.swappiness(s);
@@ -153,13 +157,7 @@ pub fn join(
 ) -> Result<(), CgroupError> {
     let m = manager(path, systemd, id)?;
     m.add_task(this_pid()).map_err(apply_err(path))?;
-    let opt = ControllerOpt {
-        resources,
-        disable_oom_killer: false,
-        oom_score_adj: None,
-        freezer_state: None,
-    };
-    m.apply(&opt).map_err(apply_err(path))
+    apply(&m, path, resources)
 }
 
 /// Changes the limits of cgroup `path` to those set in `resources` (`update`).
@@ -169,7 +167,10 @@ pub fn update(
     systemd: bool,
     id: &str,
 ) -> Result<(), CgroupError> {
-    let m = manager(path, systemd, id)?;
+    apply(&manager(path, systemd, id)?, path, resources)
+}
+
+fn apply(m: &AnyCgroupManager, path: &str, resources: &LinuxResources) -> Result<(), CgroupError> {
     let opt = ControllerOpt {
         resources,
         disable_oom_killer: false,
@@ -234,7 +235,10 @@ mod tests {
         assert_eq!(mem.limit(), Some((256 << 20) + VMM_MEMORY_OVERHEAD));
         let cpu = r.cpu().clone().unwrap();
         assert_eq!(cpu.cpus().as_deref(), Some("0"));
-        assert_eq!((cpu.quota(), cpu.shares()), (Some(-1), Some(DEFAULT_SHARES)));
+        assert_eq!(
+            (cpu.quota(), cpu.shares()),
+            (Some(-1), Some(DEFAULT_SHARES))
+        );
         assert_eq!(r.pids().as_ref().unwrap().limit(), 50);
         // No spec at all: still a memory limit, and no pids limit.
         let r = host_resources(None, 128 << 20).unwrap();

@@ -135,7 +135,10 @@ impl ExecRegistration {
     fn new(c: &Container) -> Self {
         let dir = c.dir.file(files::EXECS);
         let path = dir.join(std::process::id().to_string());
-        let ok = std::fs::create_dir_all(&dir).is_ok() && File::create(&path).is_ok();
+        use std::os::unix::fs::DirBuilderExt;
+        let made = std::fs::DirBuilder::new().mode(0o700).create(&dir);
+        let dir_ok = made.is_ok() || dir.is_dir();
+        let ok = dir_ok && crate::state::write_private(&path, b"").is_ok();
         ExecRegistration(ok.then_some(path))
     }
 }

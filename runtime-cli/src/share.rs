@@ -5,7 +5,8 @@
 //! ```text
 //! <state>/share            tmpfs, read-only once assembled
 //!   rootfs                 the bundle's rootfs (rbind, nosuid,nodev)
-//!   mounts/<n>             each bind-mount source (rbind, nosuid,nodev [,ro])
+//!   mounts/<n>             each bind-mount source (rbind; nosuid,nodev [,ro] on every
+//!                          mount of it, submounts included)
 //! ```
 //!
 //! `nosuid,nodev` on the host side mean that device nodes and set-id files the guest
@@ -67,11 +68,55 @@ fn bind(source: &Path, target: &Path, readonly: bool) -> Result<(), ShareError> 
         None::<&str>,
     )
     .map_err(err("bind mounting into"))?;
-    let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    let mut attrs = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
     if readonly {
-        flags |= MsFlags::MS_RDONLY;
+        attrs |= MOUNT_ATTR_RDONLY;
     }
-    mount(None::<&str>, target, None::<&str>, flags, None::<&str>).map_err(err("remounting"))
+    set_recursive(target, attrs).map_err(err("setting mount flags on"))
+}
+
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const MOUNT_ATTR_NOSUID: u64 = 0x2;
+const MOUNT_ATTR_NODEV: u64 = 0x4;
+
+/// `struct mount_attr` of mount_setattr(2).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// Sets `attrs` on the mount at `target` and every mount below it (an rbind brings the
+/// source's submounts along; a remount would change only the top one). Neither nix nor
+/// rustix wraps mount_setattr(2) (Linux 5.12).
+fn set_recursive(target: &Path, attrs: u64) -> Result<(), nix::Error> {
+    let path = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(target.as_os_str()))
+        .map_err(|_| nix::Error::EINVAL)?;
+    let attr = MountAttr {
+        attr_set: attrs,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: `path` is a NUL-terminated string and `attr` a `struct mount_attr` whose
+    // size is passed; both outlive the call, which only reads them.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            libc::AT_RECURSIVE as libc::c_uint,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(nix::Error::last())
+    }
 }
 
 /// Assembles the share at `dir` (in the caller's private mount namespace).
@@ -80,7 +125,15 @@ pub fn build(dir: &Path, rootfs: &Path, binds: &[ShareBind]) -> Result<(), Share
         let path = p.display().to_string();
         move |source| ShareError::Io { what, path, source }
     };
-    std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .and_then(|_| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
+            .map_err(io("creating", dir))?;
+    }
     mount(
         Some("runvm-share"),
         dir,
@@ -127,4 +180,62 @@ pub fn build(dir: &Path, rootfs: &Path, binds: &[ShareBind]) -> Result<(), Share
         source,
     })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn temp(tag: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("runvm-share-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    #[test]
+    fn read_only_binds_are_read_only_in_their_submounts_too() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to mount");
+            return;
+        }
+        let base = temp("ro");
+        let (src, rootfs, dir) = (base.join("src"), base.join("rootfs"), base.join("share"));
+        for d in [&src, &rootfs] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        // Mount namespaces are per thread once unshared: all mounts vanish with it.
+        let b = base.clone();
+        let result = std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
+            let none = None::<&str>;
+            mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none).unwrap();
+            std::fs::create_dir_all(src.join("sub")).unwrap();
+            mount(
+                Some("t"),
+                &src.join("sub"),
+                Some("tmpfs"),
+                MsFlags::empty(),
+                none,
+            )
+            .unwrap();
+            let binds = [ShareBind {
+                index: 0,
+                source: src.clone(),
+                readonly: true,
+            }];
+            build(&dir, &rootfs, &binds).unwrap();
+            let m = dir.join("mounts/0");
+            let top = std::fs::write(m.join("f"), "x").map_err(|e| e.raw_os_error());
+            let sub = std::fs::write(m.join("sub/f"), "x").map_err(|e| e.raw_os_error());
+            let root = std::fs::write(dir.join("rootfs/f"), "x").is_ok();
+            (top, sub, root)
+        })
+        .join()
+        .unwrap();
+        let _ = std::fs::remove_dir_all(&b);
+        let erofs = Err(Some(libc::EROFS));
+        assert_eq!((result.0, result.1), (erofs, erofs), "top and submount");
+        assert!(result.2, "the rootfs stays writable");
+    }
 }

@@ -5,6 +5,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -26,6 +27,30 @@ pub mod files {
     pub const EXIT: &str = "exit";
     /// One empty file per running `exec` proxy, named by its host pid (for `ps`).
     pub const EXECS: &str = "execs";
+}
+
+/// Options for a file of runvm's own: mode 0600 whatever the umask (the VMM's is
+/// cleared by its file-system backend), never followed through a symlink, closed on exec.
+pub fn private_file() -> OpenOptions {
+    let mut o = OpenOptions::new();
+    o.mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC);
+    o
+}
+
+/// Writes `data` to a new private file at `path` (replacing one that is there).
+pub fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let _ = std::fs::remove_file(path);
+    private_file()
+        .create_new(true)
+        .write(true)
+        .open(path)?
+        .write_all(data)
+}
+
+/// Makes `path` (a directory) 0700, whatever the umask made it.
+fn private(path: &Path) -> std::io::Result<()> {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
 }
 
 /// Errors about containers and their state.
@@ -220,10 +245,19 @@ impl StateDir {
     }
 
     /// Creates the directory for a new container; fails if it exists.
+    /// The root is made 0700 when runvm creates it; the container's directory is always
+    /// 0700, whatever the umask, so nothing in it is reachable by another user.
     pub fn create(&self) -> Result<(), StateError> {
-        std::fs::create_dir_all(&self.root).map_err(io_err("creating state root", &self.root))?;
-        match std::fs::create_dir(&self.dir) {
-            Ok(()) => Ok(()),
+        if !self.root.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&self.root)
+                .map_err(io_err("creating state root", &self.root))?;
+            private(&self.root).map_err(io_err("creating state root", &self.root))?;
+        }
+        match std::fs::DirBuilder::new().mode(0o700).create(&self.dir) {
+            Ok(()) => private(&self.dir).map_err(io_err("creating state directory", &self.dir)),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 Err(StateError::Exists(self.id.clone()))
             }
@@ -237,7 +271,7 @@ impl StateDir {
             return Err(StateError::NotFound(self.id.clone()));
         }
         let path = self.file(files::LOCK);
-        let f = OpenOptions::new()
+        let f = private_file()
             .create(true)
             .truncate(false)
             .write(true)
@@ -268,7 +302,12 @@ impl StateDir {
         let path = self.file(files::STATE);
         let tmp = self.file(".state.json.tmp");
         let data = serde_json::to_vec_pretty(state).expect("state serializes");
-        let mut f = File::create(&tmp).map_err(io_err("writing", &tmp))?;
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = private_file()
+            .create_new(true)
+            .write(true)
+            .open(&tmp)
+            .map_err(io_err("writing", &tmp))?;
         f.write_all(&data)
             .and_then(|_| f.sync_all())
             .map_err(io_err("writing", &tmp))?;

@@ -260,3 +260,51 @@ pub fn runvm_to_files(
         timed_out,
     }
 }
+
+/// Checks that a live container's state is private: `<root>/<id>` is 0700, nothing in it
+/// has group or other bits, and a non-root user (65534), who can run runvm, can neither
+/// list the directory, read its console log, nor ask for the container's state or kill it.
+pub fn assert_private_state(root: &Path, id: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let dir = root.join(id);
+    // A root anyone may enter, as a shared /run/runvm could be: the container's own
+    // directory must be the boundary.
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700, "{}", dir.display());
+    for e in std::fs::read_dir(&dir).unwrap().flatten() {
+        let m = mode(&e.path());
+        assert_eq!(m & 0o077, 0, "{} is {m:o}", e.path().display());
+    }
+    let nobody = |prog: &Path, args: &[&str]| {
+        let mut c = std::process::Command::new(prog);
+        c.args(args).uid(65534).gid(65534).env_remove("RUNVM_ROOT");
+        run_with_timeout(c, std::time::Duration::from_secs(60))
+    };
+    let runvm = runvm_bin().unwrap();
+    let r = root.to_string_lossy();
+    let features = nobody(&runvm, &["features"]);
+    assert_eq!(
+        features.code,
+        Some(0),
+        "runvm must run as 65534: {}",
+        features.stderr
+    );
+    let sh = Path::new("/bin/sh");
+    let d = dir.to_string_lossy();
+    for (what, f) in [
+        ("list the state", nobody(sh, &["-c", &format!("ls {d}")])),
+        (
+            "read the console",
+            nobody(sh, &["-c", &format!("cat {d}/console.log")]),
+        ),
+        (
+            "query the state",
+            nobody(&runvm, &["--root", &r, "state", id]),
+        ),
+        ("kill", nobody(&runvm, &["--root", &r, "kill", id, "KILL"])),
+    ] {
+        assert_ne!(f.code, Some(0), "uid 65534 could {what}: {}", f.stdout);
+    }
+}

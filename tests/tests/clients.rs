@@ -139,10 +139,18 @@ fn read_only_capabilities_and_seccomp(d: &Engine) {
         ],
         T,
     );
-    let out = &ok(&f, "docker run --read-only --cap-drop ALL --cap-add NET_BIND_SERVICE").stdout;
+    let out = &ok(
+        &f,
+        "docker run --read-only --cap-drop ALL --cap-add NET_BIND_SERVICE",
+    )
+    .stdout;
     assert_eq!(line(out, "CapEff:").trim(), "0000000000000400", "{out}");
     assert_eq!(line(out, "CapBnd:").trim(), "0000000000000400", "{out}");
-    assert_eq!(line(out, "Seccomp:").trim(), "2", "Docker's default profile: {out}");
+    assert_eq!(
+        line(out, "Seccomp:").trim(),
+        "2",
+        "Docker's default profile: {out}"
+    );
     assert_eq!(line(out, "newdir="), "ok");
     assert_eq!(line(out, "root="), "read-only");
 }

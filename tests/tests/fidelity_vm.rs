@@ -75,7 +75,13 @@ fn a_docker_style_config_is_applied_in_the_guest() {
         &["run", "--bundle", &b.path().to_string_lossy(), "fid1"],
         T,
     );
-    assert_eq!(f.code, Some(0), "stdout: {}\nstderr: {}", f.stdout, f.stderr);
+    assert_eq!(
+        f.code,
+        Some(0),
+        "stdout: {}\nstderr: {}",
+        f.stdout,
+        f.stderr
+    );
     let out = &f.stdout;
     for key in ["CapBnd:", "CapEff:", "CapPrm:"] {
         assert_eq!(field(out, key), DOCKER_CAP_MASK, "{key}\n{out}");
@@ -83,7 +89,10 @@ fn a_docker_style_config_is_applied_in_the_guest() {
     assert_eq!(field(out, "CapInh:"), "0000000000000000");
     assert_eq!(field(out, "NoNewPrivs:"), "1");
     assert_eq!(field(out, "Seccomp:"), "2");
-    assert!(out.contains("Function not implemented"), "the profile's errno: {out}");
+    assert!(
+        out.contains("Function not implemented"),
+        "the profile's errno: {out}"
+    );
     assert_eq!(field(out, "mkdir="), "1");
     assert_eq!(field(out, "forward="), "1");
     assert_eq!(field(out, "node="), "660 5");

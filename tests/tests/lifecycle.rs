@@ -1,7 +1,7 @@
 //! The OCI lifecycle through the runvm binary with real VMs and busybox bundles: `run` in
 //! the foreground (status, separated output, the rootfs and bind mounts through the share);
 //! create/start/state/ps/exec/pause/resume/kill/delete with every wrong-state error,
-//! hooks, resources and cgroups; SIGKILL; delete --force; a terminal over a console socket.
+//! hooks, resources and cgroups, private state; SIGKILL; delete --force; a terminal over a console socket.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
@@ -10,8 +10,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use runvm_tests::{
-    container_test_unavailable, fails_with, ok, pid_alive, runvm, runvm_to_files, skip_unless,
-    token, ContainerGuard, TempDir, TestBundle,
+    assert_private_state, container_test_unavailable, fails_with, ok, pid_alive, runvm,
+    runvm_to_files, skip_unless, token, ContainerGuard, TempDir, TestBundle,
 };
 
 /// One VM boot and container setup on software KVM takes ~25 s.
@@ -171,6 +171,11 @@ fn the_detached_lifecycle_hooks_resources_and_wrong_states() {
     );
     assert!(hooks.path().join("createContainer").exists());
     assert!(!hooks.path().join("startContainer").exists());
+    assert_private_state(r, id);
+    assert!(
+        pid_alive(pid),
+        "the VMM survived the attempts of another user"
+    );
     // The VMM is the container in the host's accounting.
     if let Ok(procs) =
         std::fs::read_to_string(format!("/sys/fs/cgroup/memory{cgroup}/cgroup.procs"))
@@ -188,7 +193,11 @@ fn the_detached_lifecycle_hooks_resources_and_wrong_states() {
     }
     if v1 {
         let read = |f: &str| std::fs::read_to_string(f).unwrap().trim().to_string();
-        assert_eq!(read(&format!("{stale}/cpu.cfs_quota_us")), "-1", "stale quota reset");
+        assert_eq!(
+            read(&format!("{stale}/cpu.cfs_quota_us")),
+            "-1",
+            "stale quota reset"
+        );
         let cpus = format!("/sys/fs/cgroup/cpuset{cgroup}/cpuset.cpus");
         assert_eq!(read(&cpus), "0", "cpuset.cpus from the spec");
     }

@@ -3,7 +3,6 @@
 //! window and interrupt line each, from [`MmioAllocator`]), kernel and boot data, vCPUs.
 //! Then `Vmm::start` runs it (see `running`).
 
-use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -14,6 +13,7 @@ use crate::boot::{self, regs, BootError, EntryMode, LoadedKernel};
 use crate::bus::{Bus, BusError};
 use crate::cmdline::{self, CmdlineError, MmioDeviceArg};
 use crate::config::{ConfigError, ConsoleOutput, VmConfig};
+use crate::console_log::{ConsoleLog, CONSOLE_LOG_LIMIT};
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::serial::{
     ConsoleSink, ConsoleWatch, SerialDevice, COM1_BASE, COM1_IRQ, COM1_LEN,
@@ -171,16 +171,16 @@ impl VmBuilder {
             entry: kernel.mode,
         };
         log::debug!("VM built: {info:?}");
-        Ok(Vmm::new(
+        Ok(Vmm {
             vm,
             mem,
             vcpus,
             events,
             exit,
-            legacy.watch,
+            watch: legacy.watch,
             control,
             info,
-        ))
+        })
     }
 
     /// Checks the config and the kernel before anything exists; returns the vCPU count the
@@ -223,14 +223,10 @@ fn console_sink(
         ConsoleOutput::Sink => None,
         ConsoleOutput::Stdout => Some(Box::new(std::io::stdout())),
         ConsoleOutput::File(path) => Some(Box::new(
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|source| BuildError::Console {
-                    path: path.clone(),
-                    source,
-                })?,
+            ConsoleLog::open(path, CONSOLE_LOG_LIMIT).map_err(|source| BuildError::Console {
+                path: path.clone(),
+                source,
+            })?,
         )),
     };
     Ok(ConsoleSink::new(out, watch))

@@ -9,6 +9,7 @@ pub mod builder;
 pub mod bus;
 pub mod cmdline;
 pub mod config;
+pub mod console_log;
 pub mod devices;
 pub mod event_loop;
 pub mod exit;

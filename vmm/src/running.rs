@@ -13,16 +13,16 @@ use crate::memory::GuestMemory;
 use crate::vcpu::{RunState, Vcpu, VcpuControl, VcpuThread};
 use crate::vm::Vm;
 
-/// A built VM, not yet running.
+/// A built VM, not yet running; the builder (see `builder`) fills it in.
 pub struct Vmm {
-    vm: Vm,
-    mem: GuestMemory,
-    vcpus: Vec<Vcpu>,
-    events: EventLoop,
-    exit: Arc<ExitNotifier>,
-    watch: Arc<ConsoleWatch>,
-    control: Arc<VcpuControl>,
-    info: VmInfo,
+    pub(crate) vm: Vm,
+    pub(crate) mem: GuestMemory,
+    pub(crate) vcpus: Vec<Vcpu>,
+    pub(crate) events: EventLoop,
+    pub(crate) exit: Arc<ExitNotifier>,
+    pub(crate) watch: Arc<ConsoleWatch>,
+    pub(crate) control: Arc<VcpuControl>,
+    pub(crate) info: VmInfo,
 }
 
 impl std::fmt::Debug for Vmm {
@@ -34,30 +34,6 @@ impl std::fmt::Debug for Vmm {
 }
 
 impl Vmm {
-    /// Assembles the parts the builder made (see `builder`).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new(
-        vm: Vm,
-        mem: GuestMemory,
-        vcpus: Vec<Vcpu>,
-        events: EventLoop,
-        exit: Arc<ExitNotifier>,
-        watch: Arc<ConsoleWatch>,
-        control: Arc<VcpuControl>,
-        info: VmInfo,
-    ) -> Self {
-        Vmm {
-            vm,
-            mem,
-            vcpus,
-            events,
-            exit,
-            watch,
-            control,
-            info,
-        }
-    }
-
     /// What was built.
     pub fn info(&self) -> &VmInfo {
         &self.info

@@ -8,7 +8,7 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// Longest path `bind`/`connect` take (the NUL terminator needs the last byte).
@@ -83,9 +83,19 @@ pub fn connect(path: &Path) -> std::io::Result<std::os::unix::net::UnixStream> {
     std::os::unix::net::UnixStream::connect(SocketPath::new(path)?.usable())
 }
 
-/// `UnixListener::bind` for a path of any length; the socket file is at `path`.
+/// `UnixListener::bind` for a path of any length; the socket file is at `path`, mode
+/// 0600 whatever the umask (connecting needs write permission on it).
 pub fn bind(path: &Path) -> std::io::Result<std::os::unix::net::UnixListener> {
-    std::os::unix::net::UnixListener::bind(SocketPath::new(path)?.usable())
+    SocketPath::new(path)?.bind()
+}
+
+impl SocketPath {
+    /// Binds a listener here and makes the socket file 0600.
+    pub fn bind(&self) -> std::io::Result<std::os::unix::net::UnixListener> {
+        let l = std::os::unix::net::UnixListener::bind(self.usable())?;
+        std::fs::set_permissions(self.usable(), std::fs::Permissions::from_mode(0o600))?;
+        Ok(l)
+    }
 }
 
 #[cfg(test)]
@@ -123,6 +133,11 @@ mod tests {
         let s = UnixListener::bind(p.sibling("_1025")).unwrap();
         assert!(dir.join("v.sock_1025").exists());
         let b = bind(&dir.join("b.sock")).unwrap();
+        let mode = std::fs::metadata(dir.join("b.sock"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "a bound socket is private");
         assert!(dir.join("b.sock").exists());
         drop((l, s, b));
         std::fs::remove_dir_all(&base).unwrap();

@@ -83,7 +83,28 @@ pub fn prepare(setup: HelperSetup, stdio: HelperStdio) -> Result<Helper, SpawnEr
         nix::sys::socket::SockFlag::SOCK_CLOEXEC,
     )
     .map_err(|e| fail(1, format!("socketpair: {e}")))?;
-    let join = setup.join;
+    let pid = fork_helper(setup.join, stdio, theirs)?;
+    let sock = UnixStream::from(ours);
+    // A helper that hangs (a file system that never answers) fails the create.
+    let _ = sock.set_read_timeout(Some(PREPARE_TIMEOUT));
+    setup::send_msg(&sock, &setup, None)
+        .map_err(|e| fail(1, format!("sending setup to the helper: {e}")))?;
+    let userns = setup
+        .container
+        .as_ref()
+        .and_then(|c| c.user_namespace.as_ref());
+    let pty = await_ready(pid, &sock, userns)?;
+    let _ = sock.set_read_timeout(None);
+    Ok(Helper { pid, sock, pty })
+}
+
+/// Starts `runvm-agent container-init` in a new PID namespace (or `join`'s), with the
+/// helper's end of the socket pair at [`HELPER_FD`]; returns its pid.
+fn fork_helper(
+    join: Option<i32>,
+    stdio: HelperStdio,
+    theirs: std::os::fd::OwnedFd,
+) -> Result<i32, SpawnError> {
     // Namespaces for children are per thread: a short-lived thread forks the helper.
     let spawned = std::thread::spawn(move || -> Result<u32, SpawnError> {
         match join {
@@ -126,22 +147,20 @@ pub fn prepare(setup: HelperSetup, stdio: HelperStdio) -> Result<Helper, SpawnEr
     });
     let pid = spawned
         .join()
-        .map_err(|_| fail(1, "container helper thread panicked".into()))?? as i32;
-    let sock = UnixStream::from(ours);
-    // A helper that hangs (a file system that never answers) fails the create.
-    let _ = sock.set_read_timeout(Some(PREPARE_TIMEOUT));
-    setup::send_msg(&sock, &setup, None)
-        .map_err(|e| fail(1, format!("sending setup to the helper: {e}")))?;
-    let userns = setup
-        .container
-        .as_ref()
-        .and_then(|c| c.user_namespace.as_ref());
+        .map_err(|_| fail(1, "container helper thread panicked".into()))??;
+    Ok(pid as i32)
+}
+
+/// Serves the helper's reports until it is ready (its terminal, if it made one), writing
+/// the id maps of `userns` when it asks.
+fn await_ready(
+    pid: i32,
+    sock: &UnixStream,
+    userns: Option<&agent_protocol::UserNamespace>,
+) -> Result<Option<File>, SpawnError> {
     loop {
-        match setup::recv_msg::<HelperReport>(&sock) {
-            Ok(Some((HelperReport::Ready, pty))) => {
-                let _ = sock.set_read_timeout(None);
-                return Ok(Helper { pid, sock, pty });
-            }
+        match setup::recv_msg::<HelperReport>(sock) {
+            Ok(Some((HelperReport::Ready, pty))) => return Ok(pty),
             Ok(Some((HelperReport::MapIds, _))) => {
                 let Some(ns) = userns else {
                     return Err(fail(
@@ -151,7 +170,7 @@ pub fn prepare(setup: HelperSetup, stdio: HelperStdio) -> Result<Helper, SpawnEr
                 };
                 write_id_maps(pid, ns)?;
                 use std::io::Write;
-                (&sock)
+                (&*sock)
                     .write_all(&[1])
                     .map_err(|e| fail(1, format!("answering the helper: {e}")))?;
             }

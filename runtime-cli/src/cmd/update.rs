@@ -33,8 +33,9 @@ pub fn run(cli: &Cli, a: &UpdateArgs) -> anyhow::Result<()> {
         a.cpu_quota.or(cpu.as_ref().and_then(|c| c.quota())),
         a.cpu_period.or(cpu.as_ref().and_then(|c| c.period())),
         cpu.as_ref().and_then(|c| c.shares()),
-        a.pids_limit
-            .or(from_file.as_ref().and_then(|r| r.pids().as_ref().map(|p| p.limit()))),
+        a.pids_limit.or(from_file
+            .as_ref()
+            .and_then(|r| r.pids().as_ref().map(|p| p.limit()))),
     )
     .map_err(|e| anyhow!("resources: {e}"))?;
     Ok(lifecycle::update(&cli.globals, &a.id, memory, &r)?)

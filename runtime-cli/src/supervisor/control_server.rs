@@ -4,6 +4,7 @@
 //! the rest is answered here, from the VM handle or through the agent with a deadline.
 
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,15 +31,41 @@ fn error(message: impl std::fmt::Display) -> ControlResponse {
     }
 }
 
+/// Most control connections served at once; more are closed unanswered.
+const MAX_CONNECTIONS: usize = 64;
+
+/// Whether the peer of `s` runs as this process's user (root): the socket is 0600 in a
+/// 0700 directory already, this holds even if someone loosens those.
+fn trusted_peer(s: &UnixStream) -> bool {
+    match nix::sys::socket::getsockopt(s, nix::sys::socket::sockopt::PeerCredentials) {
+        Ok(cred) => cred.uid() == nix::unistd::geteuid().as_raw(),
+        Err(_) => false,
+    }
+}
+
 /// Accepts connections until the listener fails (the VMM exits first).
 pub(super) fn serve(listener: UnixListener, shared: Arc<Shared>, main: mpsc::Sender<MainRequest>) {
+    let active = Arc::new(AtomicUsize::new(0));
     for conn in listener.incoming() {
         let Ok(stream) = conn else { continue };
-        let (shared, main) = (shared.clone(), main.clone());
+        if !trusted_peer(&stream) {
+            log::warn!("control socket: refused a peer of another user");
+            continue;
+        }
+        if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            active.fetch_sub(1, Ordering::SeqCst);
+            log::warn!("control socket: {MAX_CONNECTIONS} connections open, refusing one");
+            continue;
+        }
+        let (shared, main, done) = (shared.clone(), main.clone(), active.clone());
         let spawned = std::thread::Builder::new()
             .name("ctl-conn".into())
-            .spawn(move || handle(stream, &shared, &main));
+            .spawn(move || {
+                handle(stream, &shared, &main);
+                done.fetch_sub(1, Ordering::SeqCst);
+            });
         if let Err(e) = spawned {
+            active.fetch_sub(1, Ordering::SeqCst);
             log::warn!("control socket: connection thread: {e}");
         }
     }

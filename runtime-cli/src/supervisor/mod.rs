@@ -175,7 +175,12 @@ pub fn prepare(cfg: &SupervisorConfig) -> Result<Prepared, SupervisorError> {
     let share_dir = cfg.state.file(files::SHARE);
     let plan = &cfg.plan;
     share::build(&share_dir, &plan.rootfs, &plan.binds)?;
-    cgroup::join(&plan.cgroups_path, &plan.resources, cfg.systemd_cgroup, &cfg.state.id)?;
+    cgroup::join(
+        &plan.cgroups_path,
+        &plan.resources,
+        cfg.systemd_cgroup,
+        &cfg.state.id,
+    )?;
     let tty = match plan.process.terminal {
         true => Some(Tty::open(cfg.console_socket.as_deref(), cfg.own_tty)?),
         false => None,
@@ -330,7 +335,10 @@ pub fn run(cfg: &SupervisorConfig, p: Prepared, ready: Option<ReadyWriter>) -> i
     if let Some(t) = &tty {
         t.restore();
     }
-    let _ = std::fs::write(cfg.state.file(files::EXIT), format!("{status}\n"));
+    let _ = crate::state::write_private(
+        &cfg.state.file(files::EXIT),
+        format!("{status}\n").as_bytes(),
+    );
     log::debug!(
         "container {}: VM ended ({exit}), status {status}",
         cfg.state.id

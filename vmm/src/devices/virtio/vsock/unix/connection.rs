@@ -466,6 +466,11 @@ impl Connection {
         }
     }
 
+    /// Resets the connection: the guest gets an RST, then it is gone.
+    pub fn reset(&mut self) {
+        self.state = ConnState::Resetting;
+    }
+
     /// Ends the connection at once (the guest sent RST, or the VM goes away).
     pub fn kill(&mut self) {
         self.state = ConnState::Dead;

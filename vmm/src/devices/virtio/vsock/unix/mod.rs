@@ -6,4 +6,4 @@
 pub mod connection;
 pub mod muxer;
 
-pub use muxer::{MuxerError, VsockMuxer};
+pub use muxer::{MuxerError, VsockMuxer, MAX_BUFFERED};

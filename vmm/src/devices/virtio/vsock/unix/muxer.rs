@@ -19,6 +19,12 @@ use super::connection::{ConnState, Connection, TX_BUF_SIZE};
 
 /// Most connections at once; beyond that, new ones are refused with RST.
 const MAX_CONNECTIONS: usize = 1024;
+/// Most RSTs waiting for the guest's RX buffers; beyond that (a guest that connects to
+/// closed ports and never reads) further ones are dropped, and its connects time out.
+const MAX_RST_QUEUE: usize = 1024;
+/// Most guest data buffered for slow host sockets, all connections together (each one is
+/// also held to its credit, `TX_BUF_SIZE`); a packet beyond it resets its connection.
+pub const MAX_BUFFERED: usize = 32 << 20;
 /// Longest `CONNECT <port>\n` line accepted.
 const MAX_CONNECT_LINE: usize = 32;
 /// First host-side port given to host-initiated connections.
@@ -81,7 +87,7 @@ impl VsockMuxer {
             source,
         };
         let sock = SocketPath::new(path).map_err(bind_err)?;
-        let listener = UnixListener::bind(sock.usable()).map_err(bind_err)?;
+        let listener = sock.bind().map_err(bind_err)?;
         listener.set_nonblocking(true).map_err(bind_err)?;
         let mut m = VsockMuxer {
             guest_cid,
@@ -111,7 +117,13 @@ impl VsockMuxer {
         self.conns.len()
     }
 
-    /// Bytes buffered for host sockets, over all connections (bounded by flow control).
+    /// RSTs waiting for the guest's RX buffers.
+    pub fn queued_rsts(&self) -> usize {
+        self.rst_queue.len()
+    }
+
+    /// Bytes buffered for host sockets, over all connections (each bounded by flow
+    /// control, all by [`MAX_BUFFERED`]).
     pub fn buffered_bytes(&self) -> usize {
         self.conns.values().map(Connection::tx_buffered).sum()
     }
@@ -170,6 +182,18 @@ impl VsockMuxer {
         self.set_interest(fd, Token::Conn(key), interest);
         if pending && self.in_rxq.insert(key) {
             self.rxq.push_back(key);
+        }
+    }
+
+    /// Queues an RST for `key`, unless [`MAX_RST_QUEUE`] are waiting already.
+    fn queue_rst(&mut self, key: ConnKey) {
+        if self.rst_queue.len() < MAX_RST_QUEUE {
+            self.rst_queue.push_back(key);
+        } else {
+            log::debug!(
+                "vsock: RST queue full, dropping RST for port {}",
+                key.peer_port
+            );
         }
     }
 
@@ -256,7 +280,7 @@ impl VsockMuxer {
     /// A guest REQUEST for host port `local_port`: connect to `<path>_<port>`.
     fn connect_to_host(&mut self, key: ConnKey, pkt: &Packet<'_>) {
         if self.conns.len() >= MAX_CONNECTIONS {
-            self.rst_queue.push_back(key);
+            self.queue_rst(key);
             return;
         }
         let target = self.path.sibling(&format!("_{}", key.local_port));
@@ -274,7 +298,7 @@ impl VsockMuxer {
             }
             Err(e) => {
                 log::debug!("vsock: guest connect to {}: {e}", target.display());
-                self.rst_queue.push_back(key);
+                self.queue_rst(key);
             }
         }
     }
@@ -349,20 +373,32 @@ impl VsockChannel for VsockMuxer {
         };
         if pkt.type_() != TYPE_STREAM {
             if pkt.op() != op::RST {
-                self.rst_queue.push_back(key);
+                self.queue_rst(key);
             }
             return;
         }
         match (self.conns.get_mut(&key), pkt.op()) {
             (None, op::REQUEST) => self.connect_to_host(key, pkt),
             (None, op::RST) => {}
-            (None, _) => self.rst_queue.push_back(key),
+            (None, _) => self.queue_rst(key),
             (Some(conn), op::RST) => {
                 conn.kill();
                 self.refresh(key);
             }
-            (Some(conn), _) => {
-                conn.send_pkt(pkt);
+            (Some(_), op) => {
+                let over =
+                    op == op::RW && self.buffered_bytes() + pkt.len() as usize > MAX_BUFFERED;
+                if let Some(conn) = self.conns.get_mut(&key) {
+                    if over {
+                        log::warn!(
+                            "vsock: {MAX_BUFFERED} bytes buffered for host sockets: reset port {}",
+                            key.local_port
+                        );
+                        conn.reset();
+                    } else {
+                        conn.send_pkt(pkt);
+                    }
+                }
                 self.refresh(key);
             }
         }

@@ -433,3 +433,47 @@ fn the_socket_file_is_removed_with_the_device() {
     drop(d);
     assert!(!dir.sock().exists());
 }
+
+#[test]
+fn a_guest_that_connects_to_closed_ports_and_never_reads_queues_a_bounded_number_of_rsts() {
+    let dir = Dir::new("rstflood");
+    let mut d = Driver::new(&dir.sock());
+    // The driver's RX buffers fill first; the rest must wait in the muxer's queue.
+    for port in 0..3000 {
+        d.control(50000 + port, 7000, op::REQUEST, 0);
+    }
+    let queued = d.dev.backend().queued_rsts();
+    assert!(queued > 0 && queued <= 1024, "{queued} RSTs queued");
+    let got = d.pump_until(|p| p.len() >= queued);
+    assert!(got.iter().all(|p| p.op == op::RST));
+    assert!(got.len() < 3000, "{} RSTs for 3000 connects", got.len());
+    assert_eq!(d.dev.backend().queued_rsts(), 0);
+    assert_eq!(d.dev.backend().connection_count(), 0);
+}
+
+#[test]
+fn many_stalled_host_sockets_together_buffer_at_most_the_muxer_limit() {
+    use crate::devices::virtio::vsock::unix::MAX_BUFFERED;
+    let dir = Dir::new("bp-total");
+    let mut d = Driver::new(&dir.sock());
+    // Enough connections that their credits together exceed the limit by far (host
+    // socket buffers take a part of each).
+    let n = 2 * MAX_BUFFERED / TX_BUF_SIZE as usize;
+    let conns: Vec<(UnixStream, u32)> = (0..n as u32)
+        .map(|i| host_connect(&mut d, &dir.sock(), 4000 + i))
+        .collect();
+    // Each guest connection sends within its own credit; no host socket reads.
+    let chunk = vec![0xa5u8; 60 * 1024];
+    for (i, (_, local)) in conns.iter().enumerate() {
+        for _ in 0..(TX_BUF_SIZE as usize / chunk.len()) {
+            d.send(&rw(4000 + i as u32, *local, &chunk, 0));
+        }
+    }
+    let p = d.pump_until(|p| p.iter().any(|p| p.op == op::RST));
+    assert!(d.dev.backend().buffered_bytes() <= MAX_BUFFERED);
+    assert!(
+        p.iter().filter(|p| p.op == op::RST).count() < n,
+        "only overflowing ones reset"
+    );
+    drop(conns);
+}

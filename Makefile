@@ -4,6 +4,7 @@
 #   make demo            the main job: build everything and boot a busybox guest in a runvm VM
 #   make test            build everything and run all tests (unit, KVM, boot, end-to-end)
 #   make bench           benchmarks against references (BENCHES="boot agent lifecycle share docker" picks some)
+#   make fuzz            each cargo-fuzz target for FUZZ_SECONDS (default 60; nightly toolchain)
 #   make install PREFIX=/usr/local
 #
 # The guest kernel is cached outside the tree (see kernel-config/build.sh).
@@ -18,7 +19,7 @@ AGENT       := target/$(TARGET)/agent/runvm-agent
 TEST_BINS   := target/$(TARGET)/agent
 STATIC      := RUSTFLAGS="-C target-feature=+crt-static"
 
-.PHONY: all deps runvm agent kernel test-bins install test demo bench clean
+.PHONY: all deps runvm agent kernel test-bins install test demo bench fuzz clean
 
 all: $(RUNVM) $(SHARE)/vmlinux $(SHARE)/initramfs.cpio
 
@@ -75,6 +76,9 @@ demo: all
 
 bench: all test-bins
 	@scripts/bench.sh $(abspath $(RUNVM)) $(abspath $(SHARE)/vmlinux) $(abspath $(SHARE)/initramfs.cpio) $(abspath $(AGENT)) $(abspath $(TEST_BINS)) $(BENCHES)
+
+fuzz:
+	@scripts/fuzz.sh
 
 clean:
 	$(CARGO) clean

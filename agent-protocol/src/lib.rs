@@ -10,6 +10,7 @@
 //! [`MAX_FRAME`] bytes.
 
 mod frame;
+pub mod fuzzing;
 mod messages;
 mod security;
 

@@ -165,7 +165,12 @@ fn control_loop(mut stream: UnixStream, procs: &Arc<Processes>, role: Role) {
             Request::Wait { id } => Some(id.clone()),
             _ => None,
         };
+        let stall = test_stall::applies(&request);
         let response = dispatch(request, procs);
+        if stall {
+            test_stall::forever();
+        }
+        test_stall::note(&response);
         if write_frame(&mut stream, &response).is_err() {
             break;
         }
@@ -184,6 +189,41 @@ fn control_loop(mut stream: UnixStream, procs: &Arc<Processes>, role: Role) {
                 let _ = std::io::Read::read(&mut stream, &mut buf);
                 role.end();
             }
+        }
+    }
+}
+
+/// A fault the host's tests inject: with `RUNVM_AGENT_TEST_STALL=1` in the agent's
+/// environment (a VM's kernel command line puts it there), once a process has started,
+/// every control request but `wait` is carried out and never answered, as by an agent
+/// that hangs. It proves that no host command waits on the guest without a deadline.
+mod test_stall {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use agent_protocol::{Request, Response};
+
+    static STARTED: AtomicBool = AtomicBool::new(false);
+
+    fn enabled() -> bool {
+        std::env::var_os("RUNVM_AGENT_TEST_STALL").is_some_and(|v| v == "1")
+    }
+
+    /// Whether `request` goes unanswered.
+    pub fn applies(request: &Request) -> bool {
+        STARTED.load(Ordering::SeqCst) && !matches!(request, Request::Wait { .. }) && enabled()
+    }
+
+    /// Records that a process started.
+    pub fn note(response: &Response) {
+        if matches!(response, Response::Started { .. }) {
+            STARTED.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Blocks this connection's thread for good.
+    pub fn forever() -> ! {
+        loop {
+            std::thread::park();
         }
     }
 }

@@ -124,6 +124,15 @@ pub struct Control {
     pub agent: String,
 }
 
+impl Control {
+    /// Sets how long each answer may take (None: no limit, for `wait`).
+    pub fn set_timeout(&self, timeout: Option<Duration>) -> Result<(), ClientError> {
+        self.stream
+            .set_read_timeout(timeout)
+            .map_err(ClientError::Stream)
+    }
+}
+
 impl AgentClient {
     /// A client that reaches the agent through `dialer`.
     pub fn new(dialer: Arc<dyn Dial>) -> Self {

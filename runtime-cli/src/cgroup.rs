@@ -180,6 +180,46 @@ fn apply(m: &AnyCgroupManager, path: &str, resources: &LinuxResources) -> Result
     m.apply(&opt).map_err(apply_err(path))
 }
 
+/// Where the calling process is in each cgroup hierarchy (`/proc/self/cgroup`), to go
+/// back there: a foreground `run` is its container's VMM, then must leave the container's
+/// cgroup to remove it.
+#[derive(Clone, Debug, Default)]
+pub struct Membership(Vec<PathBuf>);
+
+impl Membership {
+    /// The `cgroup.procs` file of each cgroup the calling process is in.
+    pub fn current() -> Self {
+        let text = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        let files = text
+            .lines()
+            .filter_map(|line| {
+                let mut parts = line.splitn(3, ':');
+                let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+                let mount = match controllers {
+                    // v2: the unified hierarchy, at the top or beside v1 ones (hybrid).
+                    "" if Path::new("/sys/fs/cgroup/unified").is_dir() => "unified".to_string(),
+                    "" => String::new(),
+                    c => c.trim_start_matches("name=").to_string(),
+                };
+                let dir = Path::new("/sys/fs/cgroup").join(mount);
+                Some(dir.join(path.trim_start_matches('/')).join("cgroup.procs"))
+            })
+            .filter(|f| f.exists())
+            .collect();
+        Membership(files)
+    }
+
+    /// Moves the calling process back into these cgroups; errors are logged.
+    pub fn restore(&self) {
+        let pid = std::process::id().to_string();
+        for procs in &self.0 {
+            if let Err(e) = std::fs::write(procs, &pid) {
+                log::debug!("returning to {}: {e}", procs.display());
+            }
+        }
+    }
+}
+
 /// Removes the container's cgroup (its processes are gone); errors are logged.
 pub fn remove(path: &str, systemd: bool, id: &str) {
     let removed = manager(path, systemd, id).and_then(|m| m.remove().map_err(apply_err(path)));
@@ -220,6 +260,27 @@ pub fn update_resources(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn membership_names_the_cgroups_this_process_is_in() {
+        let m = Membership::current();
+        assert!(!m.0.is_empty(), "no cgroup found for this process");
+        let pid = std::process::id().to_string();
+        for procs in &m.0 {
+            let members = std::fs::read_to_string(procs).unwrap();
+            assert!(
+                members.lines().any(|l| l == pid),
+                "{} lacks {pid}",
+                procs.display()
+            );
+        }
+        m.restore();
+        assert_eq!(
+            Membership::current().0,
+            m.0,
+            "restoring where it is moves nothing"
+        );
+    }
 
     #[test]
     fn the_vmm_gets_the_guest_memory_and_reset_defaults_but_no_device_rules() {

@@ -9,6 +9,7 @@ use std::io::IsTerminal;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use agent_protocol::{ProcessSpec, AGENT_PORT};
 use nix::sys::signal::Signal;
@@ -151,6 +152,10 @@ impl Drop for ExecRegistration {
     }
 }
 
+/// Longest wait for each answer while an exec'd process is created and started (the
+/// agent also waits up to 60 s for its streams).
+const EXEC_SETUP_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// The exec'd process's terminal or pipes, and what to restore afterwards.
 struct ProxyIo {
     io: HostIo,
@@ -214,11 +219,13 @@ fn proxy(
     }));
     let id = exec_id();
     let _registered = ExecRegistration::new(c);
-    let mut control = client.control()?;
+    // Setting the process up has a deadline; its run does not.
+    let mut control = client.control_within(EXEC_SETUP_TIMEOUT)?;
     let pio = proxy_io(a, spec.terminal)?;
     control.create(&id, spec, pio.io.stdio(), false, None)?;
     let relay = Relay::attach(&client, &id, pio.io)?;
     let pid = control.start(&id)?;
+    control.set_timeout(None)?;
     log::debug!("exec {id}: guest pid {pid}");
     if let Some(r) = started {
         r.ok();

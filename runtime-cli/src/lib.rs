@@ -11,6 +11,7 @@ pub mod console;
 pub mod container;
 pub mod control;
 pub mod exec;
+pub mod fuzzing;
 pub mod hooks;
 pub mod initramfs;
 pub mod lifecycle;

@@ -73,11 +73,11 @@ pub use agent_protocol::error_line;
 /// without one, to stderr.
 pub fn init(log_file: Option<&Path>, format: LogFormat, debug: bool) -> std::io::Result<()> {
     let file = match log_file {
-        Some(p) => Some(Mutex::new(
-            OpenOptions::new().create(true).append(true).open(p)?,
-        )),
+        Some(p) => Some(OpenOptions::new().create(true).append(true).open(p)?),
         None => None,
     };
+    let raw = file.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
+    let file = file.map(Mutex::new);
     let level = if debug {
         log::LevelFilter::Debug
     } else if file.is_some() {
@@ -93,6 +93,11 @@ pub fn init(log_file: Option<&Path>, format: LogFormat, debug: bool) -> std::io:
     // A second init (tests) keeps the first logger.
     if log::set_boxed_logger(Box::new(logger)).is_ok() {
         log::set_max_level(level);
+        // The logger keeps the file open for good: a VMM ended by its seccomp filter
+        // says why there too.
+        if let Some(fd) = raw {
+            vmm::seccomp::report_to(fd, format == LogFormat::Json);
+        }
     }
     Ok(())
 }

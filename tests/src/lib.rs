@@ -58,7 +58,7 @@ pub fn record_skip(test: &str, why: &str) {
 }
 
 /// A file named by an environment variable that `make test` sets.
-pub(crate) fn artifact(var: &str, what: &str) -> Result<PathBuf, String> {
+pub fn artifact(var: &str, what: &str) -> Result<PathBuf, String> {
     match std::env::var_os(var) {
         Some(p) if Path::new(&p).exists() => Ok(PathBuf::from(p)),
         Some(p) => Err(format!(

@@ -389,10 +389,14 @@ fn no_vmm_or_shim_left(e: &Engine) {
 fn docker_runs_containers_on_runvm() {
     skip_unless!(clients_unavailable());
     let d = Engine::docker().unwrap_or_else(|e| panic!("{e}"));
+    // Two waves of three: each VM boot is CPU-bound on an emulated host, and more at once
+    // on two cores would stretch a boot past the runtime's readiness deadline.
     std::thread::scope(|s| {
         s.spawn(|| foreground_options(&d));
         s.spawn(|| exit_status_stdin_and_tty(&d));
         s.spawn(|| detached_lifecycle(&d));
+    });
+    std::thread::scope(|s| {
         s.spawn(|| stop_kill_rm_and_wait(&d));
         s.spawn(|| bad_input(&d));
         s.spawn(|| read_only_capabilities_and_seccomp(&d));

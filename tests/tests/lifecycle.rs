@@ -90,10 +90,21 @@ fn run_in_the_foreground_gives_status_output_and_the_share() {
         "root in the container is root on the host"
     );
     assert!(!host.path().join("ro/f").exists());
-    // Nothing left: no state, no VMM.
+    // Nothing left: no state, no VMM, no cgroup (the default path, /runvm-<id>).
     assert!(
         std::fs::read_dir(root.path()).unwrap().next().is_none(),
         "state left behind"
+    );
+    for d in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
+        assert!(
+            !d.path().join("runvm-fg1").exists(),
+            "cgroup left in {}",
+            d.path().display()
+        );
+    }
+    assert!(
+        !Path::new("/sys/fs/cgroup/runvm-fg1").exists(),
+        "cgroup left"
     );
 }
 

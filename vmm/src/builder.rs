@@ -26,6 +26,7 @@ use crate::exit::ExitNotifier;
 use crate::host_profile::HostProfile;
 use crate::memory::{self, layout, GuestMemory};
 use crate::running::Vmm;
+use crate::seccomp::{self, SeccompError, ThreadKind};
 use crate::vcpu::{self, Vcpu, VcpuControl};
 use crate::vm::{Vm, VmError};
 
@@ -58,6 +59,8 @@ pub enum BuildError {
     TooManyDevices { max: usize },
     #[error("setting up vCPU: {0}")]
     Vcpu(#[from] regs::RegsError),
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
     #[error("creating an eventfd or thread: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -163,7 +166,13 @@ impl VmBuilder {
             load_boot(&mem, &self.config, &self.profile, &device_args, vcpu_count)?;
         let control = Arc::new(VcpuControl::new());
         let buses = (Arc::new(legacy.pio), Arc::new(mmio));
-        let vcpus = create_vcpus(&vm, &mem, &kernel, vcpu_count, buses, &exit, &control)?;
+        let mut vcpus = create_vcpus(&vm, &mem, &kernel, vcpu_count, buses, &exit, &control)?;
+        let mode = self.config.seccomp;
+        events.set_filter(seccomp::compile(ThreadKind::Devices, mode)?.map(Arc::new));
+        let vcpu_filter = seccomp::compile(ThreadKind::Vcpu, mode)?.map(Arc::new);
+        for v in &mut vcpus {
+            v.set_filter(vcpu_filter.clone());
+        }
         let info = VmInfo {
             vcpus: vcpu_count,
             mem_mib: self.config.mem_mib,

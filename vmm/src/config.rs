@@ -44,6 +44,9 @@ pub struct VmConfig {
     pub vcpus: u8,
     /// Serial console destination.
     pub console: ConsoleOutput,
+    /// Seccomp filters on the vCPU and device threads (see `seccomp`).
+    #[serde(default)]
+    pub seccomp: crate::seccomp::SeccompMode,
 }
 
 impl VmConfig {
@@ -56,6 +59,7 @@ impl VmConfig {
             mem_mib: DEFAULT_MEM_MIB,
             vcpus: 1,
             console: ConsoleOutput::Sink,
+            seccomp: crate::seccomp::SeccompMode::default(),
         }
     }
 

@@ -2,6 +2,7 @@
 //! backend's file descriptors (queue notifications, host sockets). Devices subscribe before
 //! the loop starts; a stop eventfd ends it.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -10,8 +11,30 @@ use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, Subscrib
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::exit::{ExitNotifier, VmExit};
+use crate::seccomp::{self, SeccompError, ThreadKind};
+use seccompiler::BpfProgram;
+
 /// A subscriber shared with the rest of the VMM (a device is also on a bus).
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// The text of a panic's payload.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
+/// Why the running loop stopped serving.
+#[derive(Debug, thiserror::Error)]
+enum LoopFailure {
+    #[error("{0:?}")]
+    Manager(event_manager::Error),
+    #[error(transparent)]
+    Seccomp(SeccompError),
+}
 
 /// Errors of the event loop.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +68,7 @@ pub struct EventLoop {
     manager: EventManager<Subscriber>,
     stop: EventFd,
     stopped: Arc<AtomicBool>,
+    filter: Option<Arc<BpfProgram>>,
 }
 
 impl std::fmt::Debug for EventLoop {
@@ -65,6 +89,7 @@ impl EventLoop {
         }));
         manager.add_subscriber(stopper);
         Ok(EventLoop {
+            filter: None,
             manager,
             stop,
             stopped,
@@ -76,20 +101,42 @@ impl EventLoop {
         self.manager.add_subscriber(subscriber);
     }
 
-    /// Runs the loop on its own thread.
-    pub fn spawn(mut self) -> Result<EventLoopThread, EventLoopError> {
+    /// Runs the loop on its own thread. If the loop fails or a device panics in it, the
+    /// VM ends with [`VmExit::DeviceError`] (its devices would never answer again).
+    pub fn spawn(mut self, exit: Arc<ExitNotifier>) -> Result<EventLoopThread, EventLoopError> {
         let stop = self.stop.try_clone()?;
         let handle = std::thread::Builder::new()
             .name("vmm-events".into())
             .spawn(move || {
-                while !self.stopped.load(Ordering::SeqCst) {
-                    if let Err(e) = self.manager.run() {
-                        log::error!("event loop: {e:?}");
-                        break;
-                    }
-                }
+                let filtered = match self.filter.take() {
+                    Some(bpf) => seccomp::install_compiled(ThreadKind::Devices, &bpf),
+                    None => Ok(()),
+                };
+                let outcome = match filtered {
+                    Ok(()) => std::panic::catch_unwind(AssertUnwindSafe(|| self.run())),
+                    Err(e) => Ok(Err(LoopFailure::Seccomp(e))),
+                };
+                let failure = match outcome {
+                    Ok(Ok(())) => return,
+                    Ok(Err(e)) => format!("event loop: {e}"),
+                    Err(panic) => format!("a device panicked: {}", panic_message(&*panic)),
+                };
+                log::error!("{failure}");
+                exit.report(VmExit::DeviceError { message: failure });
             })?;
         Ok(EventLoopThread { stop, handle })
+    }
+
+    /// The seccomp filter its thread installs before it serves the devices.
+    pub fn set_filter(&mut self, filter: Option<Arc<BpfProgram>>) {
+        self.filter = filter;
+    }
+
+    fn run(&mut self) -> Result<(), LoopFailure> {
+        while !self.stopped.load(Ordering::SeqCst) {
+            self.manager.run().map_err(LoopFailure::Manager)?;
+        }
+        Ok(())
     }
 }
 
@@ -140,11 +187,38 @@ mod tests {
             tx,
         }));
         l.add(echo);
-        let t = l.spawn().unwrap();
+        let t = l.spawn(Arc::new(ExitNotifier::new().unwrap())).unwrap();
         evt.write(5).unwrap();
         assert_eq!(
             rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap(),
             5
+        );
+        t.stop();
+    }
+
+    struct Panics(EventFd);
+
+    impl MutEventSubscriber for Panics {
+        fn process(&mut self, _e: Events, _ops: &mut EventOps) {
+            panic!("device model bug");
+        }
+        fn init(&mut self, ops: &mut EventOps) {
+            ops.add(Events::new(&self.0, EventSet::IN)).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_device_that_panics_ends_the_vm_with_a_clear_reason() {
+        let mut l = EventLoop::new().unwrap();
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        l.add(Arc::new(Mutex::new(Panics(evt.try_clone().unwrap()))));
+        let exit = Arc::new(ExitNotifier::new().unwrap());
+        let t = l.spawn(exit.clone()).unwrap();
+        evt.write(1).unwrap();
+        let got = exit.wait_timeout(Some(std::time::Duration::from_secs(5)));
+        assert_eq!(
+            got.map(|e| e.to_string()),
+            Some("device thread failed: a device panicked: device model bug".into())
         );
         t.stop();
     }

@@ -28,8 +28,10 @@ pub enum VmExit {
     },
     /// KVM refused to enter the guest (KVM_EXIT_FAIL_ENTRY).
     FailEntry { vcpu: u8, reason: u64 },
-    /// A vCPU thread failed outside the guest (an ioctl error).
+    /// A vCPU thread failed outside the guest (an ioctl error, a device that panicked).
     VcpuError { vcpu: u8, message: String },
+    /// The device I/O thread failed: the devices would stop answering, so the VM ends.
+    DeviceError { message: String },
 }
 
 impl VmExit {
@@ -73,6 +75,7 @@ impl fmt::Display for VmExit {
                 )
             }
             VmExit::VcpuError { vcpu, message } => write!(f, "vCPU {vcpu} failed: {message}"),
+            VmExit::DeviceError { message } => write!(f, "device thread failed: {message}"),
         }
     }
 }

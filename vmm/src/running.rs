@@ -42,7 +42,7 @@ impl Vmm {
     /// Starts the event loop and the vCPUs. If a vCPU thread cannot start, the VM is
     /// stopped and its threads joined before the error returns.
     pub fn start(self) -> Result<RunningVm, BuildError> {
-        let events = self.events.spawn()?;
+        let events = self.events.spawn(self.exit.clone())?;
         let mut running = RunningVm {
             _vm: self.vm,
             _mem: self.mem,

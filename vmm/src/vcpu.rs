@@ -8,6 +8,7 @@
 //! so one kick always suffices: no re-kick timer, no spinning.
 
 use std::cell::Cell;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
 
@@ -18,8 +19,11 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::bus::{lock, Bus};
+use crate::event_loop::panic_message;
 use crate::exit::{ExitNotifier, VmExit};
 use crate::memory::GuestMemory;
+use crate::seccomp::{self, ThreadKind};
+use seccompiler::BpfProgram;
 
 /// Offset from SIGRTMIN of the signal that interrupts `KVM_RUN`.
 const KICK_SIGNAL_OFFSET: i32 = 0;
@@ -165,6 +169,7 @@ pub struct Vcpu {
     exit: Arc<ExitNotifier>,
     mem: GuestMemory,
     control: Arc<VcpuControl>,
+    filter: Option<Arc<BpfProgram>>,
 }
 
 impl std::fmt::Debug for Vcpu {
@@ -215,7 +220,13 @@ impl Vcpu {
             exit,
             mem,
             control,
+            filter: None,
         }
+    }
+
+    /// The seccomp filter its thread installs before it first enters the guest.
+    pub fn set_filter(&mut self, filter: Option<Arc<BpfProgram>>) {
+        self.filter = filter;
     }
 
     /// Starts the vCPU on its own thread.
@@ -230,12 +241,28 @@ impl Vcpu {
     fn run(mut self) {
         let run: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN.with(|r| r.set(run));
+        if let Some(bpf) = self.filter.take() {
+            if let Err(e) = seccomp::install_compiled(ThreadKind::Vcpu, &bpf) {
+                self.exit.report(VmExit::VcpuError {
+                    vcpu: self.index,
+                    message: e.to_string(),
+                });
+                return;
+            }
+        }
         self.control.register_current();
         while self.control.checkpoint() {
-            if let Some(exit) = self.run_once() {
-                self.exit.report(exit);
-                break;
-            }
+            // A device model that panics on this thread must end the VM, not only the vCPU.
+            let exit = match std::panic::catch_unwind(AssertUnwindSafe(|| self.run_once())) {
+                Ok(None) => continue,
+                Ok(Some(exit)) => exit,
+                Err(panic) => VmExit::VcpuError {
+                    vcpu: self.index,
+                    message: format!("a device panicked: {}", panic_message(&*panic)),
+                },
+            };
+            self.exit.report(exit);
+            break;
         }
         self.control.unregister_current();
         // No kick reaches this thread any more (it is unregistered).

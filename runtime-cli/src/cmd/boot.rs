@@ -13,6 +13,7 @@ pub fn run(cli: &Cli, args: &BootArgs) -> anyhow::Result<()> {
     // Without --initrd, the installed agent initramfs if there is one.
     config.initrd = assets::initrd(cli.globals.initrd.as_deref()).ok();
     config.cmdline = args.cmdline.clone();
+    config.seccomp = cli.globals.seccomp.mode();
     config.mem_mib = args.mem;
     config.vcpus = args.cpus;
     config.console = match &args.console_log {

@@ -18,6 +18,7 @@ pub fn run(cli: &Cli, args: &VmRunArgs) -> anyhow::Result<i32> {
     config.mem_mib = args.mem;
     config.vcpus = args.cpus;
     config.cmdline = args.cmdline.clone();
+    config.seccomp = cli.globals.seccomp.mode();
     config.console = args
         .console_log
         .clone()

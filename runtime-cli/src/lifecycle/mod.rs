@@ -48,6 +48,29 @@ pub struct Globals {
     /// Guest initramfs (default: $RUNVM_INITRD, then <bindir>/../share/runvm/initramfs.cpio).
     #[arg(long, global = true)]
     pub initrd: Option<PathBuf>,
+    /// Seccomp filters on the VMM's vCPU and device threads: `log` allows and logs (to the
+    /// kernel log) the calls outside their lists; `off` is for debugging only.
+    #[arg(long, global = true, value_enum, default_value = "enforce")]
+    pub seccomp: SeccompFlag,
+}
+
+/// `--seccomp`'s values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SeccompFlag {
+    Enforce,
+    Log,
+    Off,
+}
+
+impl SeccompFlag {
+    /// The VMM's mode.
+    pub fn mode(self) -> vmm::seccomp::SeccompMode {
+        match self {
+            SeccompFlag::Enforce => vmm::seccomp::SeccompMode::Enforce,
+            SeccompFlag::Log => vmm::seccomp::SeccompMode::Log,
+            SeccompFlag::Off => vmm::seccomp::SeccompMode::Off,
+        }
+    }
 }
 
 impl Globals {
@@ -64,6 +87,12 @@ impl Globals {
                 v.push(p.clone().into());
             }
         }
+        v.push("--seccomp".into());
+        v.push(match self.seccomp {
+            SeccompFlag::Enforce => "enforce".into(),
+            SeccompFlag::Log => "log".into(),
+            SeccompFlag::Off => "off".into(),
+        });
         v.push("--log-format".into());
         v.push(match self.log_format {
             LogFormat::Text => "text".into(),

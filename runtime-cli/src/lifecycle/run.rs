@@ -33,8 +33,14 @@ pub fn run_foreground(g: &Globals, o: &CreateOptions, keep: bool) -> Result<i32,
     let c = check(g, o, own_tty)?;
     c.dir.create()?;
     let dir = c.dir.clone();
+    let cgroup = c.plan.cgroups_path.clone();
+    let before = crate::cgroup::Membership::current();
     let result = foreground(g, o, c, own_tty, keep);
+    // This process was the VMM: back out of the container's cgroup, which goes with the
+    // container (or with `delete` when it is kept).
+    before.restore();
     if !keep || result.is_err() {
+        crate::cgroup::remove(&cgroup, g.systemd_cgroup, &o.id);
         let _ = dir.remove();
     }
     result

@@ -9,6 +9,7 @@
 
 mod control_server;
 mod namespaces;
+mod privileges;
 mod terminal;
 
 use std::fs::File;
@@ -55,6 +56,10 @@ pub struct SupervisorConfig {
     /// Start right after create (`run`).
     pub auto_start: bool,
     pub systemd_cgroup: bool,
+    /// Seccomp filters on the VM's threads.
+    pub seccomp: vmm::seccomp::SeccompMode,
+    /// Keep only the capabilities the VMM needs once it is set up (`privileges`).
+    pub shed_privileges: bool,
 }
 
 /// Why the container could not be prepared.
@@ -66,6 +71,8 @@ pub enum SupervisorError {
     Namespace(#[from] namespaces::NamespaceError),
     #[error(transparent)]
     Share(#[from] share::ShareError),
+    #[error(transparent)]
+    Privileges(#[from] privileges::PrivilegeError),
     #[error(transparent)]
     Cgroup(#[from] cgroup::CgroupError),
     #[error(transparent)]
@@ -160,6 +167,18 @@ impl Prepared {
     }
 }
 
+/// The virtio-fs backend holds a descriptor for each inode and open file the guest keeps:
+/// the VMM may use as many as its hard limit allows (a guest that exhausts them stalls
+/// only its own file system).
+fn raise_nofile() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            log::debug!("raising RLIMIT_NOFILE to {hard}: {e}");
+        }
+    }
+}
+
 /// Prepares the container: everything up to the init process blocked before exec.
 /// Must be called before the process has any thread.
 pub fn prepare(cfg: &SupervisorConfig) -> Result<Prepared, SupervisorError> {
@@ -169,6 +188,7 @@ pub fn prepare(cfg: &SupervisorConfig) -> Result<Prepared, SupervisorError> {
     // report EPIPE instead of killing the VMM.
     unsafe { nix::sys::signal::signal(Signal::SIGPIPE, nix::sys::signal::SigHandler::SigIgn) }
         .map_err(SupervisorError::Signals)?;
+    raise_nofile();
     let hostname = cfg.plan.container.hostname.as_deref();
     namespaces::enter_all(&cfg.plan.namespaces, hostname)?;
     share::private_mount_namespace()?;
@@ -185,6 +205,10 @@ pub fn prepare(cfg: &SupervisorConfig) -> Result<Prepared, SupervisorError> {
         true => Some(Tty::open(cfg.console_socket.as_deref(), cfg.own_tty)?),
         false => None,
     };
+    // Nothing from here on needs more of root; no thread exists yet, so all inherit this.
+    if cfg.shed_privileges {
+        privileges::drop_privileges()?;
+    }
     let shared = Arc::new(Shared {
         client: OnceLock::new(),
         stopper: Stopper::default(),
@@ -202,8 +226,10 @@ pub fn prepare(cfg: &SupervisorConfig) -> Result<Prepared, SupervisorError> {
     let console = ConsoleOutput::File(cfg.state.file(files::CONSOLE_LOG));
     let vsock = cfg.state.file(files::VSOCK);
     let s = shared.clone();
+    let mut vm_config = plan.vm_config(&cfg.assets, console);
+    vm_config.seccomp = cfg.seccomp;
     let sandbox = Sandbox::boot_with_share(
-        plan.vm_config(&cfg.assets, console),
+        vm_config,
         &vsock,
         Some(&share_dir),
         READY_TIMEOUT,

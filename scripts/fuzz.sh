@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${FUZZ_SECONDS:-60}
-targets=${FUZZ_TARGETS:-frames translate mmio_vsock}
+targets=${FUZZ_TARGETS:-frames translate mmio_vsock mmio_fs}
 if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
     echo "fuzz: cargo-fuzz needs the nightly toolchain: rustup toolchain install nightly" >&2
     exit 1

@@ -96,8 +96,10 @@ fn translate() {
     runtime_cli::fuzzing::remove_scratch();
 }
 
+/// Both device harnesses in one test: they share the VMM's scratch directories.
 #[test]
-fn mmio_vsock() {
+fn mmio_vsock_and_fs() {
     smoke("mmio_vsock", vmm::fuzzing::mmio_vsock, 200, 80 << 10);
+    smoke("mmio_fs", vmm::fuzzing::mmio_fs, 200, 80 << 10);
     vmm::fuzzing::remove_scratch();
 }

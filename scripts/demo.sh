@@ -3,23 +3,12 @@
 #   scripts/demo.sh /path/to/runvm
 set -euo pipefail
 runvm=${1:?usage: demo.sh RUNVM}
-busybox=/bin/busybox
-[ -x "$busybox" ] || { echo "demo: $busybox missing (apt-get install busybox-static)" >&2; exit 1; }
-
 work=$(mktemp -d)
 root=$work/state
 trap 'rm -rf "$work"' EXIT
 bundle=$work/bundle
 rootfs=$bundle/rootfs
-mkdir -p "$rootfs"/{bin,sbin,usr/bin,usr/sbin,etc,tmp,proc,sys,dev,root}
-cp "$busybox" "$rootfs/bin/busybox"
-for applet in $("$busybox" --list-full); do
-    [ "$applet" = bin/busybox ] || [ -e "$rootfs/$applet" ] || ln -s /bin/busybox "$rootfs/$applet"
-done
-echo 'root:x:0:0:root:/root:/bin/sh' > "$rootfs/etc/passwd"
-echo 'root:x:0:' > "$rootfs/etc/group"
-
-"$runvm" spec --bundle "$bundle"
+"$(dirname "$0")/busybox-bundle.sh" "$runvm" "$bundle" > /dev/null
 # A non-interactive process: what the container sees, and a file it leaves in the bundle.
 cat > "$rootfs/demo.sh" <<SCRIPT
 echo "hello from a runvm container: \$(uname -sr) (the host runs $(uname -sr))"

@@ -8,20 +8,11 @@
 set -euo pipefail
 runvm=${1:?usage: soak.sh RUNVM [N]}
 cycles=${2:-10}
-busybox=/bin/busybox
-[ -x "$busybox" ] || { echo "soak: $busybox missing (apt-get install busybox-static)" >&2; exit 1; }
-
 work=$(mktemp -d)
 root=$work/state
 trap 'rm -rf "$work"' EXIT
 bundle=$work/bundle
-rootfs=$bundle/rootfs
-mkdir -p "$rootfs"/{bin,etc,tmp,proc,sys,dev,root}
-cp "$busybox" "$rootfs/bin/busybox"
-for applet in sh sleep true; do ln -s /bin/busybox "$rootfs/bin/$applet"; done
-echo 'root:x:0:0:root:/root:/bin/sh' > "$rootfs/etc/passwd"
-echo 'root:x:0:' > "$rootfs/etc/group"
-"$runvm" spec --bundle "$bundle"
+"$(dirname "$0")/busybox-bundle.sh" "$runvm" "$bundle" > /dev/null
 sed -i 's/"terminal": true/"terminal": false/; s|^\( *\)"sh"$|\1"sh", "-c", "while true; do sleep 1; done"|' \
     "$bundle/config.json"
 

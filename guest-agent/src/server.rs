@@ -165,12 +165,12 @@ fn control_loop(mut stream: UnixStream, procs: &Arc<Processes>, role: Role) {
             Request::Wait { id } => Some(id.clone()),
             _ => None,
         };
-        let stall = test_stall::applies(&request);
+        let stall = test_faults::applies(&request);
         let response = dispatch(request, procs);
         if stall {
-            test_stall::forever();
+            test_faults::forever();
         }
-        test_stall::note(&response);
+        test_faults::note(&response);
         if write_frame(&mut stream, &response).is_err() {
             break;
         }
@@ -193,30 +193,42 @@ fn control_loop(mut stream: UnixStream, procs: &Arc<Processes>, role: Role) {
     }
 }
 
-/// A fault the host's tests inject: with `RUNVM_AGENT_TEST_STALL=1` in the agent's
-/// environment (a VM's kernel command line puts it there), once a process has started,
-/// every control request but `wait` is carried out and never answered, as by an agent
-/// that hangs. It proves that no host command waits on the guest without a deadline.
-mod test_stall {
+mod test_faults {
+    //! Faults the host's tests inject: an agent that hangs proves that no host command
+    //! waits on the guest without a deadline; one that dies proves the host cleans up
+    //! after a guest that is gone.
+    //!
+    //! Faults the test suites ask for through `RUNVM_AGENT_TEST_FAULT` (a kernel
+    //! command-line word the agent takes as its environment), once a process started:
+    //! `stall` leaves every request but waits unanswered; `crash` ends the agent a
+    //! second later, which in a VM panics the guest kernel (its init exited).
     use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
 
     use agent_protocol::{Request, Response};
 
     static STARTED: AtomicBool = AtomicBool::new(false);
 
-    fn enabled() -> bool {
-        std::env::var_os("RUNVM_AGENT_TEST_STALL").is_some_and(|v| v == "1")
+    fn fault() -> Option<String> {
+        std::env::var("RUNVM_AGENT_TEST_FAULT").ok()
     }
 
     /// Whether `request` goes unanswered.
     pub fn applies(request: &Request) -> bool {
-        STARTED.load(Ordering::SeqCst) && !matches!(request, Request::Wait { .. }) && enabled()
+        STARTED.load(Ordering::SeqCst)
+            && !matches!(request, Request::Wait { .. })
+            && fault().as_deref() == Some("stall")
     }
 
-    /// Records that a process started.
+    /// Records that a process started (and starts a `crash`).
     pub fn note(response: &Response) {
-        if matches!(response, Response::Started { .. }) {
-            STARTED.store(true, Ordering::SeqCst);
+        let started = matches!(response, Response::Started { .. });
+        if started && !STARTED.swap(true, Ordering::SeqCst) && fault().as_deref() == Some("crash") {
+            std::thread::spawn(|| {
+                std::thread::sleep(Duration::from_secs(1));
+                eprintln!("runvm-agent: test fault: the agent ends");
+                std::process::exit(70);
+            });
         }
     }
 

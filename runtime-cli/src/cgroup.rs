@@ -220,6 +220,15 @@ impl Membership {
     }
 }
 
+/// How many processes cgroup `path` has now (none when it does not exist). A container
+/// never joins a cgroup another one uses: removing it at the end would end the other.
+pub fn members(path: &str, systemd: bool, id: &str) -> usize {
+    manager(path, systemd, id)
+        .ok()
+        .and_then(|m| m.get_all_pids().ok())
+        .map_or(0, |pids| pids.len())
+}
+
 /// Removes the container's cgroup (its processes are gone); errors are logged.
 pub fn remove(path: &str, systemd: bool, id: &str) {
     let removed = manager(path, systemd, id).and_then(|m| m.remove().map_err(apply_err(path)));

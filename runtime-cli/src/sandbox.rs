@@ -69,7 +69,9 @@ impl Sandbox {
         dir: &Path,
         ready_timeout: Duration,
     ) -> Result<Self, SandboxError> {
-        Self::boot_with_share(config, &dir.join(VSOCK_NAME), None, ready_timeout, |_| {})
+        let vsock = dir.join(VSOCK_NAME);
+        let profile = HostProfile::detect();
+        Self::boot_with_share(config, profile, &vsock, None, ready_timeout, |_| {})
     }
 
     /// Boots `config` with a vsock device at `vsock` and, with `share`, a virtio-fs device
@@ -78,6 +80,7 @@ impl Sandbox {
     /// runs (so that it can be stopped while it boots).
     pub fn boot_with_share(
         config: VmConfig,
+        profile: HostProfile,
         vsock: &Path,
         share: Option<&Path>,
         ready_timeout: Duration,
@@ -89,13 +92,14 @@ impl Sandbox {
             path: ready_path.clone(),
             source,
         })?;
-        let result = Self::start(config, vsock, share, &ready, ready_timeout, on_running);
+        let vm = (config, profile);
+        let result = Self::start(vm, vsock, share, &ready, ready_timeout, on_running);
         let _ = std::fs::remove_file(&ready_path);
         result
     }
 
     fn start(
-        config: VmConfig,
+        (config, profile): (VmConfig, HostProfile),
         vsock: &Path,
         share: Option<&Path>,
         ready: &UnixListener,
@@ -104,7 +108,7 @@ impl Sandbox {
     ) -> Result<Self, SandboxError> {
         let muxer = VsockMuxer::new(GUEST_CID, vsock)?;
         let device = Vsock::new(GUEST_CID, muxer).map_err(SandboxError::VsockDevice)?;
-        let mut builder = VmBuilder::new(config, HostProfile::detect());
+        let mut builder = VmBuilder::new(config, profile);
         builder.add_virtio_device(Arc::new(Mutex::new(device)));
         if let Some(dir) = share {
             let server = vmm::devices::virtio::fs::passthrough::share_server(dir)?;

@@ -227,8 +227,10 @@ impl StateDir {
     /// The directory of `id` under `root` (the id is validated).
     pub fn new(root: &Path, id: &str) -> Result<Self, StateError> {
         validate_id(id)?;
+        // Absolute: the VMM keeps using these paths after it changed its root and cwd.
+        let root = std::path::absolute(root).unwrap_or_else(|_| root.to_path_buf());
         Ok(StateDir {
-            root: root.to_path_buf(),
+            root: root.clone(),
             id: id.to_string(),
             dir: root.join(id),
         })

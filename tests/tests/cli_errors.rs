@@ -196,3 +196,61 @@ fn a_missing_kernel_fails_create_cleanly_and_the_log_file_says_why_in_json() {
     assert!(last["time"].as_str().unwrap().ends_with('Z'));
     nothing_left(root.path());
 }
+
+/// Every cgroup directory for `rel` on this host (the v2 one, or one per v1 hierarchy).
+fn cgroup_dirs_for(rel: &str) -> Vec<std::path::PathBuf> {
+    let base = Path::new("/sys/fs/cgroup");
+    if base.join("cgroup.controllers").exists() {
+        return vec![base.join(rel)];
+    }
+    std::fs::read_dir(base)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().join("cgroup.procs").exists())
+        .map(|e| e.path().join(rel))
+        .collect()
+}
+
+#[test]
+fn a_cgroup_another_process_uses_is_refused_and_left_alone() {
+    skip_unless!(unavailable());
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to make a cgroup");
+        return;
+    }
+    let rel = format!("runvm-test-inuse-{}", runvm_tests::token());
+    let dirs = cgroup_dirs_for(&rel);
+    let mut sleeper = std::process::Command::new("sleep")
+        .arg("600")
+        .spawn()
+        .unwrap();
+    let mut joined = 0;
+    for d in &dirs {
+        std::fs::create_dir_all(d).unwrap();
+        // A v1 cpuset cgroup takes no process before its cpus and mems are set.
+        joined += std::fs::write(d.join("cgroup.procs"), sleeper.id().to_string()).is_ok() as u32;
+    }
+    assert!(joined > 0, "the sleeper joined no cgroup");
+    let root = TempDir::new("root");
+    let mut b = TestBundle::new("inuse", &["true"]);
+    b.edit(|c| c["linux"]["cgroupsPath"] = format!("/{rel}").into());
+    let f = runvm(
+        root.path(),
+        &["create", "--bundle", &b.path().to_string_lossy(), "inuse1"],
+        QUICK,
+    );
+    let alive = sleeper.try_wait().unwrap().is_none();
+    let kept = dirs.iter().all(|d| d.is_dir());
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    for d in &dirs {
+        let _ = std::fs::remove_dir(d);
+    }
+    fails_with(
+        &f,
+        "is in use by 1 other process(es): each container needs its own",
+    );
+    assert!(alive && kept, "the other user of the cgroup was disturbed");
+    nothing_left(root.path());
+}

@@ -1,6 +1,8 @@
 //! Faults during a container's life, through the runvm binary with real VMs: the VMM
 //! SIGKILLed while `create` boots it, a VMM that dies after `create` (and inherits none of
-//! its caller's descriptors), and an agent that stops answering. After each,
+//! its caller's descriptors, and lives confined), an agent that stops answering, a guest
+//! that dies (its agent exits, its kernel panics) next to a healthy container, and a
+//! state file system that fills up. After each,
 //! the CLI says what happened in one line and nothing is left: no state directory, no
 //! cgroup, no process, no mount.
 
@@ -52,11 +54,8 @@ fn assert_nothing_left(root: &Path, id: &str, cgroup: &str, vmm: i32) {
     assert!(!root.join(id).exists(), "state directory left");
     assert_eq!(cgroup_dirs(cgroup), Vec::<PathBuf>::new(), "cgroup left");
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let r = root.to_string_lossy();
-    assert!(
-        !mounts.contains(r.as_ref()),
-        "a mount under {r} is left:\n{mounts}"
-    );
+    let r = format!("{}/", root.display());
+    assert!(!mounts.contains(&r), "a mount under {r} is left:\n{mounts}");
 }
 
 fn bundle(tag: &str, cgroup: &str) -> TestBundle {
@@ -149,6 +148,7 @@ fn a_vmm_that_dies_after_create_is_stopped_and_deleted_cleanly() {
         let target = std::fs::read_link(fd.path()).unwrap_or_default();
         assert_ne!(target, leaked, "the VMM inherited fd {:?}", fd.file_name());
     }
+    assert_confined(vmm, r, "dead1");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(vmm),
         nix::sys::signal::Signal::SIGKILL,
@@ -167,6 +167,164 @@ fn a_vmm_that_dies_after_create_is_stopped_and_deleted_cleanly() {
     assert_ne!(start.code, Some(0), "start of a dead container succeeded");
     ok(&runvm(r, &["delete", "dead1"], QUICK), "delete");
     assert_nothing_left(r, "dead1", &cgroup, vmm);
+    remove_test_parent();
+}
+
+/// The VMM `vmm` of container `id` lives in its minimal root (read-only, with its state
+/// directory, two device nodes and no host file system), under seccomp and no_new_privs.
+fn assert_confined(vmm: i32, root: &Path, id: &str) {
+    let jail = PathBuf::from(format!("/proc/{vmm}/root"));
+    let state = jail.join(root.strip_prefix("/").unwrap()).join(id);
+    assert!(
+        state.join("state.json").is_file(),
+        "no state in the VMM's root"
+    );
+    for host in ["etc", "usr", "bin", "home", "var"] {
+        assert!(!jail.join(host).exists(), "the VMM sees the host's /{host}");
+    }
+    let mut devs: Vec<String> = std::fs::read_dir(jail.join("dev"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    devs.sort();
+    assert_eq!(devs, ["kvm", "null"], "device nodes in the VMM's root");
+    let write = std::fs::write(jail.join("x"), "x").map_err(|e| e.raw_os_error());
+    assert_eq!(write, Err(Some(libc::EROFS)), "the VMM's root is writable");
+    let status = std::fs::read_to_string(format!("/proc/{vmm}/status")).unwrap();
+    for line in ["Seccomp:\t2", "NoNewPrivs:\t1"] {
+        assert!(status.contains(line), "{line} missing:\n{status}");
+    }
+}
+
+/// A tmpfs of `size` on `dir`, unmounted when dropped.
+struct SmallFs(PathBuf);
+
+impl SmallFs {
+    fn mount(dir: &Path, size: &str) -> Self {
+        let data = format!("size={size},mode=0700");
+        nix::mount::mount(
+            Some("runvm-test"),
+            dir,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(data.as_str()),
+        )
+        .unwrap();
+        SmallFs(dir.to_path_buf())
+    }
+
+    /// Writes `dir/name` until the file system is full.
+    fn fill(&self, name: &str) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.0.join(name)).unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.write_all(&[0]);
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// The pid `state` reports for `id`.
+fn state_pid(root: &Path, id: &str) -> i32 {
+    let f = runvm(root, &["state", id], QUICK);
+    ok(&f, "state");
+    let s: serde_json::Value = serde_json::from_str(&f.stdout).unwrap();
+    s["pid"].as_i64().unwrap() as i32
+}
+
+fn wait_dead(pid: i32, bound: Duration) {
+    let deadline = Instant::now() + bound;
+    while pid_alive(pid) {
+        assert!(Instant::now() < deadline, "process {pid} did not end");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_dying_guest_and_a_full_state_file_system_leave_nothing() {
+    skip_unless!(container_test_unavailable());
+    let root = TempDir::new("root");
+    let r = root.path().to_path_buf();
+    let fs = SmallFs::mount(&r, "16m");
+    let _guard = ContainerGuard::new(&r, &["crash1", "full1", "full2"]);
+    let (cg_crash, cg_full) = (
+        format!("/runvm-test/{}", token()),
+        format!("/runvm-test/{}", token()),
+    );
+    let mut crash = bundle("fault-crash", &cg_crash);
+    let kernel = runvm_tests::kernel().unwrap();
+    let initrd = runvm_tests::artifact("RUNVM_INITRD", "agent initramfs").unwrap();
+    crash.edit(|c| {
+        // The agent exits a second after the container starts: the guest kernel panics.
+        c["vm"] = serde_json::json!({"kernel": {
+            "path": kernel, "initrd": initrd, "parameters": ["RUNVM_AGENT_TEST_FAULT=crash"]
+        }});
+    });
+    let full = bundle("fault-full", &cg_full);
+    // Both boot at once.
+    let creates: Vec<_> = [("crash1", crash.path()), ("full1", full.path())]
+        .into_iter()
+        .map(|(id, b)| {
+            let (rr, b) = (r.clone(), b.to_string_lossy().into_owned());
+            let out = r.join(format!("{id}.out"));
+            std::thread::spawn(move || {
+                runvm_to_files(&rr, &["create", "--bundle", &b, id], &out, T)
+            })
+        })
+        .collect();
+    for c in creates {
+        ok(&c.join().unwrap(), "create");
+    }
+    let (vmm_crash, vmm_full) = (state_pid(&r, "crash1"), state_pid(&r, "full1"));
+    ok(&runvm(&r, &["start", "crash1"], QUICK), "start crash1");
+    ok(&runvm(&r, &["start", "full1"], QUICK), "start full1");
+    fs.fill("filler");
+    let cg_full2 = format!("/runvm-test/{}", token());
+    let full2 = bundle("fault-full2", &cg_full2);
+    let f = runvm(
+        &r,
+        &[
+            "create",
+            "--bundle",
+            &full2.path().to_string_lossy(),
+            "full2",
+        ],
+        T,
+    );
+    assert_ne!(f.code, Some(0), "create on a full file system succeeded");
+    assert_eq!(f.stderr.trim_end().lines().count(), 1, "{}", f.stderr);
+    assert!(!r.join("full2").exists(), "state of the failed create left");
+    // A change of state that cannot be recorded is not made.
+    let f = runvm(&r, &["pause", "full1"], QUICK);
+    assert_ne!(f.code, Some(0), "pause recorded on a full file system");
+    wait_dead(vmm_crash, QUICK);
+    let f = runvm(&r, &["state", "crash1"], QUICK);
+    ok(&f, "state crash1");
+    assert!(f.stdout.contains("\"stopped\""), "{}", f.stdout);
+    let f = runvm(&r, &["state", "full1"], QUICK);
+    assert!(
+        f.stdout.contains("\"running\""),
+        "the other container: {}",
+        f.stdout
+    );
+    ok(&runvm(&r, &["kill", "full1", "KILL"], QUICK), "kill full1");
+    wait_dead(vmm_full, QUICK);
+    ok(&runvm(&r, &["delete", "crash1"], QUICK), "delete crash1");
+    ok(&runvm(&r, &["delete", "full1"], QUICK), "delete full1");
+    std::fs::remove_file(r.join("filler")).unwrap();
+    assert_nothing_left(&r, "crash1", &cg_crash, vmm_crash);
+    assert_nothing_left(&r, "full1", &cg_full, vmm_full);
+    assert_eq!(
+        cgroup_dirs(&cg_full2),
+        Vec::<PathBuf>::new(),
+        "cgroup of full2 left"
+    );
     remove_test_parent();
 }
 
@@ -196,7 +354,7 @@ fn an_agent_that_stops_answering_never_hangs_a_command() {
     b.edit(|c| {
         // The agent stops answering once the container runs (see the agent's test_stall).
         c["vm"] = serde_json::json!({"kernel": {
-            "path": kernel, "initrd": initrd, "parameters": ["RUNVM_AGENT_TEST_STALL=1"]
+            "path": kernel, "initrd": initrd, "parameters": ["RUNVM_AGENT_TEST_FAULT=stall"]
         }});
     });
     let out = r.join("stall1.out");

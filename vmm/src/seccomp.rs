@@ -34,6 +34,12 @@ pub enum ThreadKind {
     Vcpu,
     /// The device I/O thread: virtio queues, vsock sockets, the virtio-fs file system.
     Devices,
+    /// The whole VMM process, installed on its first thread before any other exists so
+    /// that every thread inherits it: the VM's construction, the control socket and its
+    /// connections, the stdio relays, the signal thread. Filters stack (the strictest
+    /// answer wins), so this list holds the vCPU's and the devices' lists too, and those
+    /// threads add their own narrower filter on top.
+    Supervisor,
 }
 
 impl ThreadKind {
@@ -41,6 +47,7 @@ impl ThreadKind {
         match self {
             ThreadKind::Vcpu => "vcpu",
             ThreadKind::Devices => "devices",
+            ThreadKind::Supervisor => "supervisor",
         }
     }
 }
@@ -260,12 +267,82 @@ const DEVICES: &[Group] = &[
     },
 ];
 
+/// The VMM's own threads, beyond what the vCPUs and the devices do.
+const SUPERVISOR: &[Group] = &[
+    Group {
+        _why: "starting threads (vCPUs, devices, relays, control connections), which then \
+               add their own filter (a filter can only narrow what the thread may do)",
+        calls: &[
+            libc::SYS_seccomp,
+            libc::SYS_clone,
+            libc::SYS_clone3,
+            libc::SYS_set_robust_list,
+        ],
+    },
+    Group {
+        _why: "the control socket, the agent's vsock connections, the console socket",
+        calls: &[
+            libc::SYS_bind,
+            libc::SYS_listen,
+            libc::SYS_socketpair,
+            libc::SYS_getsockname,
+            libc::SYS_getpeername,
+        ],
+    },
+    Group {
+        _why: "the state directory: exit status, exec records, socket files and modes",
+        calls: &[
+            libc::SYS_unlinkat,
+            libc::SYS_renameat,
+            libc::SYS_mkdir,
+            libc::SYS_chmod,
+            libc::SYS_readlink,
+            libc::SYS_access,
+            libc::SYS_getcwd,
+        ],
+    },
+    Group {
+        _why: "stdio relays: pipes, terminals (modes, sizes), copies between descriptors",
+        calls: &[
+            libc::SYS_pipe2,
+            libc::SYS_dup2,
+            libc::SYS_dup3,
+            libc::SYS_select,
+            libc::SYS_pselect6,
+            libc::SYS_sendfile,
+            libc::SYS_splice,
+        ],
+    },
+    Group {
+        _why: "building the VM: KVM, guest memory, eventfds, the event loop",
+        calls: &[
+            libc::SYS_eventfd2,
+            libc::SYS_epoll_create1,
+            libc::SYS_memfd_create,
+            libc::SYS_sysinfo,
+            libc::SYS_uname,
+            libc::SYS_prlimit64,
+            libc::SYS_getrlimit,
+        ],
+    },
+    Group {
+        _why: "the signal thread and the vCPU kick's handler",
+        calls: &[
+            libc::SYS_rt_sigaction,
+            libc::SYS_rt_sigtimedwait,
+            libc::SYS_tkill,
+            libc::SYS_getppid,
+        ],
+    },
+];
+
 fn groups(kind: ThreadKind) -> impl Iterator<Item = &'static Group> {
-    let own = match kind {
-        ThreadKind::Vcpu => VCPU,
-        ThreadKind::Devices => DEVICES,
+    let own: &[&[Group]] = match kind {
+        ThreadKind::Vcpu => &[VCPU],
+        ThreadKind::Devices => &[DEVICES],
+        ThreadKind::Supervisor => &[VCPU, DEVICES, SUPERVISOR],
     };
-    COMMON.iter().chain(own.iter())
+    COMMON.iter().chain(own.iter().flat_map(|g| g.iter()))
 }
 
 /// Whether `kind`'s list has system call `nr`.

@@ -45,9 +45,7 @@ pub fn start(g: &Globals, id: &str) -> Result<(), LifecycleError> {
         c.kill_vmm(KILL_TIMEOUT);
         return Err(e.into());
     }
-    c.control(&ControlRequest::Start)?;
-    c.state.started = true;
-    c.dir.save(&c.state)?;
+    record_then(&mut c, |s| s.started = true, &ControlRequest::Start)?;
     hooks::run_warn(hooks.as_ref(), Phase::Poststart, &c.state_json());
     Ok(())
 }
@@ -130,9 +128,28 @@ pub fn set_paused(g: &Globals, id: &str, pause: bool) -> Result<(), LifecycleErr
             status,
         });
     }
-    c.control(&request)?;
-    c.state.paused = pause;
+    record_then(&mut c, |s| s.paused = pause, &request)?;
+    Ok(())
+}
+
+/// Records a change of state, then asks the VMM for it; takes the record back if the VMM
+/// refuses. A state that cannot be written (a full file system) changes nothing, so the
+/// recorded state never lags behind the container's.
+fn record_then(
+    c: &mut Container,
+    change: impl Fn(&mut crate::state::State),
+    request: &ControlRequest,
+) -> Result<(), LifecycleError> {
+    let before = c.state.clone();
+    change(&mut c.state);
     c.dir.save(&c.state)?;
+    if let Err(e) = c.control(request) {
+        c.state = before;
+        if let Err(undo) = c.dir.save(&c.state) {
+            log::warn!("container {}: restoring its state: {undo}", c.state.id);
+        }
+        return Err(e.into());
+    }
     Ok(())
 }
 

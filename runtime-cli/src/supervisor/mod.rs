@@ -8,6 +8,7 @@
 //! VM once the process's status and all of its output are in.
 
 mod control_server;
+mod jail;
 mod namespaces;
 mod privileges;
 mod terminal;
@@ -58,7 +59,8 @@ pub struct SupervisorConfig {
     pub systemd_cgroup: bool,
     /// Seccomp filters on the VM's threads.
     pub seccomp: vmm::seccomp::SeccompMode,
-    /// Keep only the capabilities the VMM needs once it is set up (`privileges`).
+    /// Once set up, keep only what the VMM needs: a minimal root (`jail`), the
+    /// capabilities of `privileges`, and the supervisor's seccomp filter.
     pub shed_privileges: bool,
 }
 
@@ -73,6 +75,10 @@ pub enum SupervisorError {
     Share(#[from] share::ShareError),
     #[error(transparent)]
     Privileges(#[from] privileges::PrivilegeError),
+    #[error(transparent)]
+    Jail(#[from] jail::JailError),
+    #[error(transparent)]
+    Seccomp(#[from] vmm::seccomp::SeccompError),
     #[error(transparent)]
     Cgroup(#[from] cgroup::CgroupError),
     #[error(transparent)]
@@ -205,9 +211,20 @@ pub fn prepare(cfg: &SupervisorConfig) -> Result<Prepared, SupervisorError> {
         true => Some(Tty::open(cfg.console_socket.as_deref(), cfg.own_tty)?),
         false => None,
     };
+    let console = ConsoleOutput::File(cfg.state.file(files::CONSOLE_LOG));
+    let mut vm_config = plan.vm_config(&cfg.assets, console);
+    vm_config.seccomp = cfg.seccomp;
+    let profile = vmm::HostProfile::detect();
     // Nothing from here on needs more of root; no thread exists yet, so all inherit this.
     if cfg.shed_privileges {
+        let mut files = vec![vm_config.kernel.as_path()];
+        files.extend(vm_config.initrd.as_deref());
+        jail::enter(&jail::JailPlan {
+            state_dir: &cfg.state.dir,
+            files,
+        })?;
         privileges::drop_privileges()?;
+        vmm::seccomp::install(vmm::seccomp::ThreadKind::Supervisor, cfg.seccomp)?;
     }
     let shared = Arc::new(Shared {
         client: OnceLock::new(),
@@ -223,13 +240,11 @@ pub fn prepare(cfg: &SupervisorConfig) -> Result<Prepared, SupervisorError> {
     relay::forward_signals(move |sig| on_signal(&s, window.as_ref(), sig))
         .map_err(SupervisorError::SignalThread)?;
 
-    let console = ConsoleOutput::File(cfg.state.file(files::CONSOLE_LOG));
     let vsock = cfg.state.file(files::VSOCK);
     let s = shared.clone();
-    let mut vm_config = plan.vm_config(&cfg.assets, console);
-    vm_config.seccomp = cfg.seccomp;
     let sandbox = Sandbox::boot_with_share(
         vm_config,
+        profile,
         &vsock,
         Some(&share_dir),
         READY_TIMEOUT,

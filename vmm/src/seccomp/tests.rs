@@ -69,7 +69,11 @@ fn the_devices_thread_cannot_exec() {
 
 #[test]
 fn listed_calls_pass() {
-    for kind in [ThreadKind::Vcpu, ThreadKind::Devices] {
+    for kind in [
+        ThreadKind::Vcpu,
+        ThreadKind::Devices,
+        ThreadKind::Supervisor,
+    ] {
         // SAFETY: getpid has no arguments and cannot fail.
         let (status, out) = in_filtered_child(kind, || unsafe { libc::syscall(libc::SYS_getpid) });
         assert_eq!((status, out.as_str()), (0, ""), "{kind:?}");
@@ -79,9 +83,47 @@ fn listed_calls_pass() {
 #[test]
 fn modes_compile_and_enforce_is_the_default() {
     assert_eq!(SeccompMode::default(), SeccompMode::Enforce);
-    for kind in [ThreadKind::Vcpu, ThreadKind::Devices] {
+    for kind in [
+        ThreadKind::Vcpu,
+        ThreadKind::Devices,
+        ThreadKind::Supervisor,
+    ] {
         assert!(compile(kind, SeccompMode::Enforce).unwrap().is_some());
         assert!(compile(kind, SeccompMode::Log).unwrap().is_some());
         assert!(compile(kind, SeccompMode::Off).unwrap().is_none());
+    }
+}
+
+#[test]
+fn the_supervisor_cannot_exec_mount_or_trace() {
+    for nr in [
+        libc::SYS_execve,
+        libc::SYS_mount,
+        libc::SYS_ptrace,
+        libc::SYS_pivot_root,
+    ] {
+        assert!(!allows(ThreadKind::Supervisor, nr), "{nr}");
+    }
+    // SAFETY: mount with null arguments; the filter stops it before the kernel looks.
+    let (status, out) = in_filtered_child(ThreadKind::Supervisor, || unsafe {
+        libc::syscall(libc::SYS_mount, 0usize, 0usize, 0usize, 0usize, 0usize)
+    });
+    assert_eq!(status, 128 + libc::SIGSYS, "{out}");
+    let expected = format!(
+        "the supervisor thread made system call {},",
+        libc::SYS_mount
+    );
+    assert!(out.contains(&expected), "{out}");
+}
+
+#[test]
+fn the_supervisor_list_holds_every_thread_list() {
+    // Filters stack: a vCPU or device thread runs under the supervisor's filter too.
+    for kind in [ThreadKind::Vcpu, ThreadKind::Devices] {
+        for g in groups(kind) {
+            for &nr in g.calls {
+                assert!(allows(ThreadKind::Supervisor, nr), "{kind:?} {nr}");
+            }
+        }
     }
 }

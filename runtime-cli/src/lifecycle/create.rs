@@ -76,13 +76,6 @@ pub fn check(g: &Globals, o: &CreateOptions, own_tty: bool) -> Result<Checked, L
     let bundle = Bundle::load(&o.bundle)?;
     let plan = translate::plan(&bundle, &o.id, o.no_pivot)?;
     let assets = plan.assets(g.kernel.as_deref(), g.initrd.as_deref())?;
-    let in_use = crate::cgroup::members(&plan.cgroups_path, g.systemd_cgroup, &o.id);
-    if in_use > 0 {
-        return Err(LifecycleError::Invalid(format!(
-            "cgroup {} is in use by {in_use} other process(es): each container needs its own",
-            plan.cgroups_path
-        )));
-    }
     plan.vm_config(&assets, vmm::ConsoleOutput::Sink)
         .validate()
         .map_err(|e| LifecycleError::Invalid(e.to_string()))?;
@@ -114,6 +107,13 @@ pub fn check(g: &Globals, o: &CreateOptions, own_tty: bool) -> Result<Checked, L
     }
     if dir.exists() {
         return Err(crate::state::StateError::Exists(o.id.clone()).into());
+    }
+    let in_use = crate::cgroup::members(&plan.cgroups_path, g.systemd_cgroup, &o.id);
+    if in_use > 0 {
+        return Err(LifecycleError::Invalid(format!(
+            "cgroup {} is in use by {in_use} other process(es): each container needs its own",
+            plan.cgroups_path
+        )));
     }
     Ok(Checked {
         dir,

@@ -107,7 +107,15 @@ fn mount_proc(target: &Path) -> Result<(), JailError> {
 /// a private mount namespace and still has CAP_SYS_ADMIN.
 pub fn enter(plan: &JailPlan) -> Result<(), JailError> {
     let root = plan.state_dir.join(JAIL_DIR);
-    std::fs::create_dir_all(&root).map_err(create_err(&root))?;
+    {
+        // Private like the rest of the state directory, whatever the umask.
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&root)
+            .and_then(|_| std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700)))
+            .map_err(create_err(&root))?;
+    }
     let none = None::<&str>;
     let tmpfs = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount(

@@ -154,11 +154,7 @@ fn a_vmm_that_dies_after_create_is_stopped_and_deleted_cleanly() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    let deadline = Instant::now() + QUICK;
-    while pid_alive(vmm) {
-        assert!(Instant::now() < deadline, "the VMM did not die");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_dead(vmm, QUICK);
     let f = runvm(r, &["state", "dead1"], QUICK);
     ok(&f, "state");
     let s: serde_json::Value = serde_json::from_str(&f.stdout).unwrap();
@@ -364,11 +360,7 @@ fn an_agent_that_stops_answering_never_hangs_a_command() {
         "create",
     );
     ok(&runvm(r, &["start", "stall1"], T), "start");
-    let pid = {
-        let f = runvm(r, &["state", "stall1"], QUICK);
-        let s: serde_json::Value = serde_json::from_str(&f.stdout).unwrap();
-        s["pid"].as_i64().unwrap() as i32
-    };
+    let pid = state_pid(r, "stall1");
     // Agent calls made for a command wait 10 s at most; the exec proxy's setup 60 s.
     let agent_bound = Duration::from_secs(30);
     assert!(

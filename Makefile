@@ -3,7 +3,7 @@
 #   make                 runvm, the static guest agent, the guest kernel and the initramfs in build/
 #   make demo            the main job: build everything and boot a busybox guest in a runvm VM
 #   make test            build everything and run all tests (unit, KVM, boot, end-to-end)
-#   make bench           benchmarks against references (BENCHES="boot agent lifecycle share docker" picks some)
+#   make bench           benchmarks against references (BENCHES="boot agent lifecycle share docker network" picks some)
 #   make fuzz            each cargo-fuzz target for FUZZ_SECONDS (default 60; nightly toolchain)
 #   make install PREFIX=/usr/local
 #
@@ -38,7 +38,7 @@ agent: deps
 
 # Static test programs that run in guests (a test /init, an AVX state checker).
 test-bins: deps
-	$(STATIC) $(CARGO) build --profile agent --target $(TARGET) -p runvm-tests --bin boot-check-init --bin avx-check --bin pattern --bin fs-check --bin fs-bench
+	$(STATIC) $(CARGO) build --profile agent --target $(TARGET) -p runvm-tests --bin boot-check-init --bin avx-check --bin pattern --bin fs-check --bin fs-bench --bin net-bench
 
 kernel: deps
 	@mkdir -p $(BUILD)

@@ -5,13 +5,14 @@
 #   lifecycle - create+start+delete and `run true`: runvm vs runc, same bundle
 #   share     - sequential MiB/s and small-file create+stat/s: in the VM over virtio-fs vs the host
 #   docker    - `docker run --rm IMAGE true`: runvm vs runc, same private dockerd
+#   network   - TCP throughput and round trip, peer namespace <-> container: runvm vs runc
 # Installs QEMU when missing (docker.io, containerd and runc come with `make deps`).
-#   scripts/bench.sh RUNVM KERNEL INITRD AGENT TEST_BINS_DIR [boot|agent|lifecycle|share|docker]...
+#   scripts/bench.sh RUNVM KERNEL INITRD AGENT TEST_BINS_DIR [boot|agent|lifecycle|share|docker|network]...
 set -euo pipefail
 runvm=$1 kernel=$2 initrd=$3 agent=$4 bins=$5
 shift 5
 benches=("$@")
-[ ${#benches[@]} -gt 0 ] || benches=(boot agent lifecycle share docker)
+[ ${#benches[@]} -gt 0 ] || benches=(boot agent lifecycle share docker network)
 if ! command -v qemu-system-x86_64 >/dev/null; then
     sudo=(); [ "$(id -u)" -eq 0 ] || sudo=(sudo)
     "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends qemu-system-x86 >&2

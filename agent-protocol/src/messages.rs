@@ -228,8 +228,47 @@ pub enum Request {
     Wait { id: String },
     /// Lists the guest pids of the processes the agent started and that still run.
     Pids,
+    /// Configures the VM's network interface as the container's (answered once the
+    /// link is up, or after a short wait for it).
+    Network { config: NetworkConfig },
     /// Ends the VM (after syncing file systems).
     Shutdown,
+}
+
+/// An IP address with its prefix length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpPrefix {
+    pub address: std::net::IpAddr,
+    pub prefix_len: u8,
+}
+
+/// A route through an interface: to `destination` (the default route without one),
+/// through `gateway` (directly on the link without one).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination: Option<IpPrefix>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<std::net::IpAddr>,
+}
+
+/// One interface of the container's network namespace, as the guest takes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfaceConfig {
+    pub name: String,
+    pub mac: [u8; 6],
+    pub mtu: u32,
+    #[serde(default)]
+    pub addresses: Vec<IpPrefix>,
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+/// The container's network as its VM takes it over.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkConfig {
+    #[serde(default)]
+    pub interfaces: Vec<InterfaceConfig>,
 }
 
 /// Agent -> host answers.

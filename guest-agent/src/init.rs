@@ -137,6 +137,10 @@ pub fn run_as_init() -> Result<(), InitError> {
     crate::spawn::set_profile_env();
     reroot()?;
     mount_basics()?;
+    if let Err(e) = crate::network::init() {
+        // Containers can still run; only loopback is missing.
+        eprintln!("runvm-agent: bringing up loopback: {e}");
+    }
     let procs = Arc::new(Processes::new());
     let p = procs.clone();
     reaper::spawn(move |pid, status| p.reaped(pid, status)).map_err(InitError::Reaper)?;

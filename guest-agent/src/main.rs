@@ -10,6 +10,7 @@ mod confine;
 mod conn;
 mod container;
 mod init;
+mod network;
 mod power;
 mod process;
 mod reaper;

@@ -199,9 +199,11 @@ mod test_faults {
     //! after a guest that is gone.
     //!
     //! Faults the test suites ask for through `RUNVM_AGENT_TEST_FAULT` (a kernel
-    //! command-line word the agent takes as its environment), once a process started:
-    //! `stall` leaves every request but waits unanswered; `crash` ends the agent a
-    //! second later, which in a VM panics the guest kernel (its init exited).
+    //! command-line word the agent takes as its environment): once a process started,
+    //! `stall` leaves every request but waits unanswered, and `crash` ends the agent a
+    //! second later, which in a VM panics the guest kernel (its init exited);
+    //! `stall-create` never answers a `create` (the agent is ready, the container never
+    //! is).
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
 
@@ -215,9 +217,13 @@ mod test_faults {
 
     /// Whether `request` goes unanswered.
     pub fn applies(request: &Request) -> bool {
-        STARTED.load(Ordering::SeqCst)
-            && !matches!(request, Request::Wait { .. })
-            && fault().as_deref() == Some("stall")
+        match fault().as_deref() {
+            Some("stall") => {
+                STARTED.load(Ordering::SeqCst) && !matches!(request, Request::Wait { .. })
+            }
+            Some("stall-create") => matches!(request, Request::Create { .. }),
+            _ => false,
+        }
     }
 
     /// Records that a process started (and starts a `crash`).
@@ -274,6 +280,10 @@ fn dispatch(request: Request, procs: &Arc<Processes>) -> Response {
             Err(e) => error(&e),
         },
         Request::Pids => Response::Pids { pids: procs.pids() },
+        Request::Network { config } => match crate::network::configure(&config) {
+            Ok(()) => Response::Ok,
+            Err(e) => error(&e),
+        },
         Request::Shutdown => Response::Ok,
     }
 }

@@ -267,6 +267,13 @@ impl Control {
         }
     }
 
+    /// Configures the VM's network interface.
+    pub fn network(&mut self, config: &agent_protocol::NetworkConfig) -> Result<(), ClientError> {
+        self.expect_ok(&Request::Network {
+            config: config.clone(),
+        })
+    }
+
     pub fn shutdown(&mut self) -> Result<(), ClientError> {
         self.expect_ok(&Request::Shutdown)
     }

@@ -43,6 +43,15 @@ impl Container {
         control::call(&self.dir.file(files::CONTROL), request, CONTROL_TIMEOUT)
     }
 
+    /// Sends a request that hands the VMM the descriptor `fd`.
+    pub fn control_with_fd(
+        &self,
+        request: &ControlRequest,
+        fd: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<ControlResponse, ControlError> {
+        control::call_with_fd(&self.dir.file(files::CONTROL), request, fd, CONTROL_TIMEOUT)
+    }
+
     /// The state JSON hooks and `state` print.
     pub fn state_json(&self) -> String {
         self.state.to_output().to_string()

@@ -16,6 +16,7 @@ pub mod hooks;
 pub mod initramfs;
 pub mod lifecycle;
 pub mod logging;
+pub mod network;
 pub mod ready;
 pub mod relay;
 pub mod sandbox;

@@ -1,5 +1,6 @@
-//! A VM with a guest agent in it: boots the VM with its vsock device, waits for the agent's
-//! ready call on host port 1025, and hands out an agent client. `finish` lets the VM end on
+//! A VM with a guest agent in it: boots the VM with its vsock device and its network
+//! device (without a backend until the container's network is attached), waits for the
+//! agent's ready call on host port 1025, and hands out an agent client. `finish` lets the VM end on
 //! its own for a while and stops it otherwise, so a guest that halts without resetting
 //! cannot keep the VMM alive.
 
@@ -10,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agent_protocol::{check_version, read_frame, Hello, AGENT_PORT, READY_PORT};
+use vmm::devices::virtio::net::{Net, NetAttach};
 use vmm::devices::virtio::vsock::unix::VsockMuxer;
 use vmm::devices::virtio::vsock::Vsock;
 use vmm::{BuildError, HostProfile, RunningVm, VmBuilder, VmConfig, VmExit, VmHandle};
@@ -18,6 +20,8 @@ use crate::agent_client::{AgentClient, VsockDialer};
 
 /// The guest's vsock context id.
 pub const GUEST_CID: u64 = 3;
+/// The guest interface's MAC until the container's is known (locally administered).
+pub const BOOT_MAC: [u8; 6] = [0x02, 0x72, 0x76, 0x00, 0x00, 0x01];
 /// Name of the vsock socket in the sandbox directory.
 pub const VSOCK_NAME: &str = "vsock.sock";
 
@@ -30,6 +34,8 @@ pub enum SandboxError {
     Vsock(#[from] vmm::devices::virtio::vsock::unix::MuxerError),
     #[error("vsock device: {0}")]
     VsockDevice(#[source] std::io::Error),
+    #[error("network device: {0}")]
+    NetDevice(#[source] std::io::Error),
     #[error("virtio-fs share: {0}")]
     Share(#[from] vmm::devices::virtio::fs::passthrough::ShareError),
     #[error("virtio-fs share: {0}")]
@@ -54,6 +60,7 @@ pub enum SandboxError {
 pub struct Sandbox {
     vm: RunningVm,
     client: AgentClient,
+    net: NetAttach,
     pub agent: String,
 }
 
@@ -110,6 +117,9 @@ impl Sandbox {
         let device = Vsock::new(GUEST_CID, muxer).map_err(SandboxError::VsockDevice)?;
         let mut builder = VmBuilder::new(config, profile);
         builder.add_virtio_device(Arc::new(Mutex::new(device)));
+        let net = Net::new(BOOT_MAC).map_err(SandboxError::NetDevice)?;
+        let attach = net.attach_handle();
+        builder.add_virtio_device(Arc::new(Mutex::new(net)));
         if let Some(dir) = share {
             let server = vmm::devices::virtio::fs::passthrough::share_server(dir)?;
             let fs = vmm::devices::virtio::fs::VirtioFs::new(crate::translate::SHARE_TAG, server)?;
@@ -132,12 +142,22 @@ impl Sandbox {
             socket: vsock.to_path_buf(),
             port: AGENT_PORT,
         }));
-        Ok(Sandbox { vm, client, agent })
+        Ok(Sandbox {
+            vm,
+            client,
+            net: attach,
+            agent,
+        })
     }
 
     /// The agent client.
     pub fn client(&self) -> &AgentClient {
         &self.client
+    }
+
+    /// Attaches the network device's backend.
+    pub fn net(&self) -> NetAttach {
+        self.net.clone()
     }
 
     /// Control over the VM.

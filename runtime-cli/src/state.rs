@@ -159,6 +159,12 @@ pub struct State {
     /// The spec's memory limit (the guest's RAM), which `update` cannot change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_limit: Option<i64>,
+    /// The container's network namespace and the interface its VM took over.
+    #[serde(
+        default,
+        skip_serializing_if = "crate::network::NetworkState::is_empty"
+    )]
+    pub network: crate::network::NetworkState,
 }
 
 impl State {
@@ -401,6 +407,7 @@ mod tests {
             paused: false,
             cgroups_path: None,
             memory_limit: None,
+            network: Default::default(),
         };
         assert_eq!(s.refreshed(), Status::Created);
         s.started = true;
@@ -440,6 +447,7 @@ mod tests {
             paused: false,
             cgroups_path: None,
             memory_limit: None,
+            network: Default::default(),
         };
         d.save(&s).unwrap();
         assert_eq!(d.load().unwrap(), s);

@@ -74,7 +74,24 @@ pub struct Engine {
     daemon: Option<Child>,
     socket: PathBuf,
     shim_sockets_before: BTreeSet<OsString>,
+    cgroups_before: BTreeSet<PathBuf>,
     docker: bool,
+}
+
+/// The parent cgroups dockerd makes for its containers (`docker` in every hierarchy).
+fn docker_cgroups() -> BTreeSet<PathBuf> {
+    let mut found: BTreeSet<PathBuf> = std::fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|h| h.path().join("docker"))
+        .filter(|p| p.is_dir())
+        .collect();
+    let v2 = Path::new("/sys/fs/cgroup/docker");
+    if v2.is_dir() {
+        found.insert(v2.to_path_buf());
+    }
+    found
 }
 
 fn shim_sockets() -> BTreeSet<OsString> {
@@ -99,6 +116,17 @@ impl Engine {
     /// iptables rules, forwarding or a bridge, with `runvm` registered as `runvm` (and, for
     /// the bad-input test, as `runvm-nokernel` with a kernel path that does not exist).
     pub fn docker() -> Result<Engine, String> {
+        Self::start_docker(None)
+    }
+
+    /// Starts `dockerd` inside network namespace `netns` (see `netns::TestNet`) with its
+    /// default network setup there: the docker0 bridge, NAT and published ports stay in
+    /// that namespace.
+    pub fn docker_in_netns(netns: &str) -> Result<Engine, String> {
+        Self::start_docker(Some(netns))
+    }
+
+    fn start_docker(netns: Option<&str>) -> Result<Engine, String> {
         let dir = TempDir::new("docker");
         let runvm = crate::runvm_bin()?;
         let mut bad = asset_args();
@@ -113,7 +141,16 @@ impl Engine {
         std::fs::write(&config_path, config.to_string()).map_err(|e| e.to_string())?;
         let socket = dir.path().join("docker.sock");
         let p = |s: &str| dir.path().join(s);
-        let mut cmd = Command::new("dockerd");
+        let mut cmd = match netns {
+            // nsenter enters only the network namespace (`ip netns exec` would also
+            // remount /sys, hiding the cgroup file systems from dockerd).
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/var/run/netns/{ns}")).arg("dockerd");
+                c
+            }
+            None => Command::new("dockerd"),
+        };
         cmd.arg("--config-file")
             .arg(&config_path)
             .arg("--data-root")
@@ -124,8 +161,11 @@ impl Engine {
             .arg(p("docker.pid"))
             .arg("-H")
             .arg(format!("unix://{}", socket.display()))
-            .args(["--iptables=false", "--ip-forward=false", "--ip-masq=false"])
-            .args(["--bridge=none", "--storage-driver=overlay2"]);
+            .arg("--storage-driver=overlay2");
+        if netns.is_none() {
+            cmd.args(["--iptables=false", "--ip-forward=false", "--ip-masq=false"])
+                .arg("--bridge=none");
+        }
         let e = Engine::spawn(dir, cmd, socket, true)?;
         let ok = wait_until(Duration::from_secs(60), || {
             e.docker_cmd(&["version"], Duration::from_secs(10)).code == Some(0)
@@ -175,6 +215,7 @@ impl Engine {
             std::fs::File::create(dir.path().join("daemon.log")).map_err(|e| e.to_string())?;
         let err = log.try_clone().map_err(|e| e.to_string())?;
         let shim_sockets_before = shim_sockets();
+        let cgroups_before = docker_cgroups();
         let child = cmd
             .stdin(Stdio::null())
             .stdout(log)
@@ -186,6 +227,7 @@ impl Engine {
             daemon: Some(child),
             socket,
             shim_sockets_before,
+            cgroups_before,
             docker,
         })
     }
@@ -373,6 +415,10 @@ impl Engine {
         self.unmount_all();
         for name in shim_sockets().difference(&self.shim_sockets_before) {
             let _ = std::fs::remove_file(Path::new(SHIM_SOCKETS).join(name));
+        }
+        // Parent cgroups this daemon made (an empty one only: rmdir refuses others).
+        for dir in docker_cgroups().difference(&self.cgroups_before) {
+            let _ = std::fs::remove_dir(dir);
         }
         if self.shim_sockets_before.is_empty() {
             // Only if empty: the shims create both levels.

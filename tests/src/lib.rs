@@ -8,6 +8,7 @@ pub mod agent;
 pub mod bundle;
 pub mod clients;
 pub mod host_container;
+pub mod netns;
 pub mod watchdog;
 
 pub use agent::*;

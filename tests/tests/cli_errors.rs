@@ -254,3 +254,36 @@ fn a_cgroup_another_process_uses_is_refused_and_left_alone() {
     assert!(alive && kept, "the other user of the cgroup was disturbed");
     nothing_left(root.path());
 }
+
+#[test]
+fn a_network_namespace_path_that_is_none_is_refused() {
+    skip_unless!(unavailable());
+    let root = TempDir::new("root");
+    let cases = [
+        (
+            "/no/such/netns",
+            "network namespace /no/such/netns: No such file",
+        ),
+        (
+            "/proc/self/ns/uts",
+            "/proc/self/ns/uts is not a network namespace",
+        ),
+        ("/etc/hostname", "/etc/hostname is not a network namespace"),
+    ];
+    for (i, (path, needle)) in cases.iter().enumerate() {
+        let mut b = TestBundle::new("badns", &["true"]);
+        b.edit(|c| {
+            let ns = c["linux"]["namespaces"].as_array_mut().unwrap();
+            ns.retain(|n| n["type"] != "network");
+            ns.push(serde_json::json!({"type": "network", "path": path}));
+        });
+        let id = format!("n{i}");
+        let f = runvm(
+            root.path(),
+            &["create", "--bundle", &b.path().to_string_lossy(), &id],
+            QUICK,
+        );
+        fails_with(&f, needle);
+    }
+    nothing_left(root.path());
+}

@@ -1,5 +1,6 @@
 //! Faults during a container's life, through the runvm binary with real VMs: the VMM
-//! SIGKILLed while `create` boots it, a VMM that dies after `create` (and inherits none of
+//! SIGKILLed while `create` boots it, once its agent is ready, and while the hooks run
+//! (a hook kills it), a VMM that dies after `create` (and inherits none of
 //! its caller's descriptors, and lives confined), an agent that stops answering, a guest
 //! that dies (its agent exits, its kernel panics) next to a healthy container, and a
 //! state file system that fills up. After each,
@@ -391,4 +392,68 @@ fn an_agent_that_stops_answering_never_hangs_a_command() {
     );
     assert!(!pid_alive(pid), "the VMM survived delete --force");
     assert!(!r.join("stall1").exists(), "state left");
+}
+
+/// The VMM of a `create` under way, killed once `ready` says so; `create` must fail in one
+/// line and leave nothing.
+fn kill_during_create(r: &Path, id: &str, b: &TestBundle, cgroup: &str, ready: impl FnOnce(&Path)) {
+    let bundle_path = b.path().to_string_lossy().into_owned();
+    let (rr, idc) = (r.to_path_buf(), id.to_string());
+    let create =
+        std::thread::spawn(move || runvm(&rr, &["create", "--bundle", &bundle_path, &idc], T));
+    let vmm = first_member(cgroup);
+    ready(&r.join(id));
+    // The hook may have killed it already.
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(vmm),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let f = create.join().unwrap();
+    assert_ne!(f.code, Some(0), "create succeeded with its VMM killed");
+    let err = f.stderr.trim_end();
+    assert_eq!(err.lines().count(), 1, "one line expected:\n{err}");
+    wait_dead(vmm, QUICK);
+    assert_nothing_left(r, id, cgroup, vmm);
+}
+
+#[test]
+fn a_vmm_killed_once_its_agent_is_ready_or_while_hooks_run_leaves_nothing() {
+    skip_unless!(container_test_unavailable());
+    let root = TempDir::new("root");
+    let r = root.path();
+    let _guard = ContainerGuard::new(r, &["ready1", "hook1"]);
+    let kernel = runvm_tests::kernel().unwrap();
+    let initrd = runvm_tests::artifact("RUNVM_INITRD", "agent initramfs").unwrap();
+
+    // The agent is ready (the VMM removed its ready socket) but never answers `create`.
+    let cgroup = format!("/runvm-test/{}", token());
+    let mut b = bundle("fault-ready", &cgroup);
+    b.edit(|c| {
+        c["vm"] = serde_json::json!({"kernel": {
+            "path": kernel, "initrd": initrd, "parameters": ["RUNVM_AGENT_TEST_FAULT=stall-create"]
+        }});
+    });
+    kill_during_create(r, "ready1", &b, &cgroup, |dir| {
+        let ready = dir.join("v.sock_1025");
+        let deadline = Instant::now() + T;
+        while !ready.exists() {
+            assert!(Instant::now() < deadline, "no ready socket");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        while ready.exists() {
+            assert!(Instant::now() < deadline, "the agent never became ready");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+
+    // A prestart hook kills the VMM (its pid is in the state on the hook's stdin).
+    let cgroup = format!("/runvm-test/{}", token());
+    let mut b = bundle("fault-hook", &cgroup);
+    let kill = r#"kill -9 $(sed -n 's/.*"pid":\([0-9]*\).*/\1/p')"#;
+    b.edit(|c| {
+        c["hooks"] =
+            serde_json::json!({"prestart": [{"path": "/bin/sh", "args": ["sh", "-c", kill]}]});
+    });
+    kill_during_create(r, "hook1", &b, &cgroup, |_| {});
+    remove_test_parent();
 }

@@ -105,6 +105,15 @@ pub fn check(g: &Globals, o: &CreateOptions, own_tty: bool) -> Result<Checked, L
         }
         _ => {}
     }
+    if let Some(translate::VmmNamespace::Join(path)) = &plan.namespaces.network {
+        // A path that is no network namespace fails here, before anything exists.
+        crate::network::netns::Netns::open(path).map_err(|source| {
+            crate::network::NetworkError::Netns {
+                id: o.id.clone(),
+                source,
+            }
+        })?;
+    }
     if dir.exists() {
         return Err(crate::state::StateError::Exists(o.id.clone()).into());
     }
@@ -139,7 +148,7 @@ pub fn create(g: &Globals, o: &CreateOptions) -> Result<(), LifecycleError> {
 fn create_checked(g: &Globals, o: &CreateOptions, c: &Checked) -> Result<(), LifecycleError> {
     let _lock = c.dir.lock()?;
     let pid = spawn_vmm(g, o, &c.assets)?;
-    let container = record(c, pid, false)?;
+    let mut container = record(c, pid, false)?;
     let json = container.state_json();
     let hooks = c.bundle.spec.hooks().as_ref();
     let done = [
@@ -154,10 +163,36 @@ fn create_checked(g: &Globals, o: &CreateOptions, c: &Checked) -> Result<(), Lif
         Some(p) => write_pid_file(p, pid),
         None => Ok(()),
     });
+    let done = done
+        .and_then(|()| note_network(&mut container))
+        .and_then(|()| match container.status() {
+            // The hooks ran, but the VM did not outlive them.
+            Status::Stopped => Err(LifecycleError::Invalid(format!(
+                "container {}: its VM ended while create ran",
+                container.state.id
+            ))),
+            _ => Ok(()),
+        });
     if done.is_err() {
         container.kill_vmm(KILL_TIMEOUT);
     }
     done
+}
+
+/// Records which interface the hooks left in the container's namespace, so that `start`
+/// can tell one that vanished from one that never was.
+fn note_network(c: &mut Container) -> Result<(), LifecycleError> {
+    let (Some(pid), true) = (c.state.pid, c.state.network.own_namespace) else {
+        return Ok(());
+    };
+    let Ok(ns) = crate::network::netns::Netns::of_pid(pid) else {
+        return Ok(());
+    };
+    c.state.network.seen_at_create = crate::network::candidate(&c.state.id, &ns);
+    if c.state.network.seen_at_create.is_some() {
+        c.dir.save(&c.state)?;
+    }
+    Ok(())
 }
 
 /// Writes the pid file atomically, as runc does (no newline).
@@ -268,6 +303,15 @@ pub(super) fn record(c: &Checked, pid: i32, started: bool) -> Result<Container, 
         paused: false,
         cgroups_path: Some(c.plan.cgroups_path.clone()),
         memory_limit: c.plan.memory_limit,
+        network: crate::network::NetworkState {
+            own_namespace: c.plan.namespaces.network.is_some(),
+            namespace_path: match &c.plan.namespaces.network {
+                Some(crate::translate::VmmNamespace::Join(p)) => Some(p.clone()),
+                _ => None,
+            },
+            seen_at_create: None,
+            interface: None,
+        },
     };
     dir.save(&state)?;
     Ok(Container {

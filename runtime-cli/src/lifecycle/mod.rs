@@ -132,6 +132,8 @@ pub enum LifecycleError {
     #[error(transparent)]
     Cgroup(#[from] crate::cgroup::CgroupError),
     #[error(transparent)]
+    Network(#[from] crate::network::NetworkError),
+    #[error(transparent)]
     Agent(#[from] crate::agent_client::ClientError),
     #[error("cannot {verb} container {id} in status {status}")]
     WrongState {

@@ -2,12 +2,15 @@
 //! `update`. Each loads the container, checks its status as of now, and acts through the
 //! VMM's control socket (or, where the VMM cannot answer, on its process directly).
 
+use std::os::fd::AsFd;
+
 use oci_spec::runtime::LinuxResources;
 
 use crate::cgroup;
 use crate::container::Container;
 use crate::control::{ControlError, ControlRequest};
 use crate::hooks::{self, Phase};
+use crate::network::{self, netns::Netns, NetworkError};
 use crate::state::{StateDir, Status};
 
 use super::create::KILL_TIMEOUT;
@@ -45,9 +48,51 @@ pub fn start(g: &Globals, id: &str) -> Result<(), LifecycleError> {
         c.kill_vmm(KILL_TIMEOUT);
         return Err(e.into());
     }
-    record_then(&mut c, |s| s.started = true, &ControlRequest::Start)?;
+    let interface = wire_network(&c)?;
+    let started = |s: &mut crate::state::State| {
+        s.started = true;
+        s.network.interface = interface.clone();
+    };
+    record_then(&mut c, started, &ControlRequest::Start)?;
     hooks::run_warn(hooks.as_ref(), Phase::Poststart, &c.state_json());
     Ok(())
+}
+
+/// Takes over the container's network namespace for its VM (see `network`): the tap and
+/// the interface's configuration go to the VMM. Returns the interface wired.
+fn wire_network(c: &Container) -> Result<Option<String>, LifecycleError> {
+    let id = &c.state.id;
+    if !c.state.network.own_namespace {
+        network::warn_no_namespace(id);
+        return Ok(None);
+    }
+    let pid = c
+        .state
+        .pid
+        .ok_or_else(|| LifecycleError::Invalid(format!("container {id} has no VMM")))?;
+    let ns = Netns::of_pid(pid).map_err(|source| NetworkError::Netns {
+        id: id.clone(),
+        source,
+    })?;
+    let expected = c.state.network.seen_at_create.as_deref();
+    let wired = network::take_over(id, &ns, expected, |t| {
+        let request = ControlRequest::Network { config: t.config };
+        c.control_with_fd(&request, t.tap.as_fd())
+            .map(drop)
+            .map_err(|e| e.to_string())
+    })?;
+    Ok(wired)
+}
+
+/// Removes what the takeover left in a network namespace that outlives the VM.
+fn release_network(c: &Container) {
+    let n = &c.state.network;
+    if let (Some(path), Some(interface)) = (&n.namespace_path, &n.interface) {
+        match Netns::open(path) {
+            Ok(ns) => network::release(&c.state.id, &ns, interface),
+            Err(e) => log::debug!("container {}: {e}", c.state.id),
+        }
+    }
 }
 
 /// Sends `signal` to the container's process (to all its processes with `all`). A VMM
@@ -101,6 +146,7 @@ pub fn delete(g: &Globals, id: &str, force: bool) -> Result<(), LifecycleError> 
         return Err(LifecycleError::VmmStuck(id.into()));
     }
     let hooks = c.hooks();
+    release_network(&c);
     if let Some(path) = c.cgroups_path() {
         cgroup::remove(&path, g.systemd_cgroup, id);
     }

@@ -83,6 +83,7 @@ fn handle(mut s: UnixStream, shared: &Shared, main: &mpsc::Sender<MainRequest>) 
         ControlRequest::Pids => agent(shared, |c| {
             c.pids().map(|pids| ControlResponse::Pids { pids })
         }),
+        ControlRequest::Network { config } => super::network::attach_received(shared, &s, &config),
         ControlRequest::Stats => {
             let pids = agent(shared, |c| {
                 c.pids().map(|p| ControlResponse::Pids { pids: p })

@@ -10,6 +10,7 @@
 mod control_server;
 mod jail;
 mod namespaces;
+mod network;
 mod privileges;
 mod terminal;
 
@@ -141,6 +142,7 @@ impl Stopper {
 #[derive(Debug)]
 struct Shared {
     client: OnceLock<AgentClient>,
+    net: OnceLock<vmm::devices::virtio::net::NetAttach>,
     stopper: Stopper,
     started: AtomicBool,
     mem_mib: u64,
@@ -228,6 +230,7 @@ pub fn prepare(cfg: &SupervisorConfig) -> Result<Prepared, SupervisorError> {
     }
     let shared = Arc::new(Shared {
         client: OnceLock::new(),
+        net: OnceLock::new(),
         stopper: Stopper::default(),
         started: AtomicBool::new(false),
         mem_mib: plan.sizing.mem_mib,
@@ -251,6 +254,7 @@ pub fn prepare(cfg: &SupervisorConfig) -> Result<Prepared, SupervisorError> {
         move |vm| s.stopper.attach(vm),
     )?;
     let _ = shared.client.set(sandbox.client().clone());
+    let _ = shared.net.set(sandbox.net());
     match create_init(cfg, sandbox.client(), tty.as_ref()) {
         Ok((control, relay)) => Ok(Prepared {
             sandbox,
@@ -320,6 +324,8 @@ enum StartOutcome {
     Failed(i32),
     /// The VM ended first.
     VmEnded,
+    /// The process was not started (its network could not be set up).
+    Refused,
 }
 
 /// Runs the prepared container to its end; returns the exit status for the VMM process.
@@ -355,8 +361,13 @@ pub fn run(cfg: &SupervisorConfig, p: Prepared, ready: Option<ReadyWriter>) -> i
         r.ok();
     }
 
-    let status = match wait_for_start(cfg.auto_start, &rx, &mut control, &shared) {
+    let mut wired = None;
+    let status = match wait_for_start(cfg, &rx, &mut control, &shared, &mut wired) {
         StartOutcome::VmEnded => shared.stopper.status(),
+        StartOutcome::Refused => {
+            sandbox.handle().stop();
+            1
+        }
         StartOutcome::Failed(status) => status,
         StartOutcome::Started => match control.wait(INIT_ID) {
             Ok(status) => status,
@@ -373,6 +384,9 @@ pub fn run(cfg: &SupervisorConfig, p: Prepared, ready: Option<ReadyWriter>) -> i
         },
     };
     let exit = finish(sandbox, control, relay);
+    if let Some(interface) = &wired {
+        network::release_here(cfg, interface);
+    }
     if let Some(t) = &tty {
         t.restore();
     }
@@ -401,14 +415,23 @@ fn watch_vm_end(sandbox: &Sandbox, control: &Control, tx: mpsc::Sender<MainReque
     });
 }
 
-/// Starts the process on `start` (or at once with `auto_start`).
+/// Starts the process on `start` (or at once with `auto_start`, after taking over the
+/// container's network: the interface wired goes to `wired`).
 fn wait_for_start(
-    auto_start: bool,
+    cfg: &SupervisorConfig,
     rx: &mpsc::Receiver<MainRequest>,
     control: &mut Control,
     shared: &Shared,
+    wired: &mut Option<String>,
 ) -> StartOutcome {
-    let reply = if auto_start {
+    let reply = if cfg.auto_start {
+        match network::take_over_here(cfg, shared) {
+            Ok(w) => *wired = w,
+            Err(e) => {
+                eprintln!("runvm: {e}");
+                return StartOutcome::Refused;
+            }
+        }
         None
     } else {
         match rx.recv() {

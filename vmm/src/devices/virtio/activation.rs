@@ -11,7 +11,7 @@
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -38,6 +38,30 @@ impl ActiveQueues {
     /// asked to hear about (always, when the queue cannot tell).
     pub fn signal_used(&mut self, index: usize) {
         signal_used(&mut self.queues[index].queue, &self.mem, &self.interrupt);
+    }
+
+    /// Hands every chain the guest made available on queue `index` to `f`, gives each
+    /// back as used with the length `f` returns (bytes written into it), and interrupts
+    /// the guest once if any was. Returns whether any was.
+    pub fn consume(
+        &mut self,
+        index: usize,
+        mut f: impl FnMut(DescriptorChain<&GuestMemory>, &GuestMemory) -> u32,
+    ) -> bool {
+        let q = &mut self.queues[index].queue;
+        let mut used = false;
+        while let Some(chain) = q.pop_descriptor_chain(&self.mem) {
+            let head = chain.head_index();
+            let len = f(chain, &self.mem);
+            if let Err(e) = q.add_used(&self.mem, head, len) {
+                log::error!("virtio: queue {index}: add_used: {e:?}");
+            }
+            used = true;
+        }
+        if used {
+            signal_used(q, &self.mem, &self.interrupt);
+        }
+        used
     }
 }
 

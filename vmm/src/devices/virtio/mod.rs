@@ -6,6 +6,9 @@
 pub mod activation;
 pub mod fs;
 pub mod mmio;
+pub mod net;
+#[cfg(test)]
+pub mod test_rings;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};

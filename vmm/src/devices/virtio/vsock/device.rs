@@ -59,23 +59,14 @@ impl<B: VsockBackend> Vsock<B> {
         let Some(a) = self.activation.active() else {
             return false;
         };
-        let q = &mut a.queues[TXQ].queue;
-        let mut used = false;
-        while let Some(mut chain) = q.pop_descriptor_chain(&a.mem) {
-            let head = chain.head_index();
-            match VsockPacket::from_tx_virtq_chain(&a.mem, &mut chain, MAX_PKT_DATA) {
-                Ok(pkt) => self.backend.send_pkt(&pkt),
+        let backend = &mut self.backend;
+        a.consume(TXQ, |mut chain, mem| {
+            match VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
+                Ok(pkt) => backend.send_pkt(&pkt),
                 Err(e) => log::warn!("vsock: dropping malformed TX packet: {e:?}"),
             }
-            if let Err(e) = q.add_used(&a.mem, head, 0) {
-                log::error!("vsock: TX add_used: {e:?}");
-            }
-            used = true;
-        }
-        if used {
-            a.signal_used(TXQ);
-        }
-        used
+            0
+        })
     }
 
     /// Fills guest RX buffers with what the backend has. Returns whether any was filled.

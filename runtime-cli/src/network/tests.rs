@@ -222,6 +222,26 @@ fn a_namespace_is_taken_over_wired_both_ways_and_released() {
 }
 
 #[test]
+fn an_interface_gone_since_create_fails_the_takeover() {
+    if let Some(why) = unavailable() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    std::thread::spawn(|| {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let ns = super::netns::Netns::open("/proc/thread-self/ns/net".as_ref()).unwrap();
+        let r = super::take_over("c1", &ns, Some("eth0"), |_| Ok(()));
+        let e = r.unwrap_err().to_string();
+        assert!(
+            e.contains("interface eth0 of the network namespace is gone"),
+            "{e}"
+        );
+    })
+    .join()
+    .unwrap();
+}
+
+#[test]
 fn a_namespace_with_loopback_only_is_left_alone() {
     if let Some(why) = unavailable() {
         eprintln!("skipped: {why}");

@@ -4,15 +4,13 @@
 
 use std::sync::Arc;
 
-use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::eventfd::EventFd;
 
+use crate::devices::virtio::test_rings::{Ring, F_NEXT, F_WRITE};
 use crate::devices::virtio::vsock::unix::VsockMuxer;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::vsock::{op, HOST_CID, TYPE_STREAM};
-use crate::devices::virtio::{VirtioDevice, VirtioInterrupt, VirtioQueue};
+use crate::devices::virtio::{VirtioDevice, VirtioInterrupt};
 use crate::devices::IrqLine;
 use crate::memory::GuestMemory;
 
@@ -21,8 +19,6 @@ pub const HDR: usize = 44;
 const RX_BUFS: u16 = 64;
 const RX_DATA: u32 = 4096;
 const QSIZE: u16 = 256;
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
 const RX_RING: u64 = 0x1_0000;
 const TX_RING: u64 = 0x2_0000;
 const EV_RING: u64 = 0x3_0000;
@@ -43,30 +39,11 @@ pub struct Pkt {
     pub data: Vec<u8>,
 }
 
-/// Where the used ring of `m` really lives. `MockSplitQueue::create` places it right after
-/// the first `len` bytes of the avail ring (its `end()` counts elements, not bytes), which
-/// overlaps the avail ring once more than len/2 buffers have been posted; the tests put it
-/// a page after the avail ring instead.
-fn used_ring(m: &MockSplitQueue<'_, GuestMemory>) -> GuestAddress {
-    GuestAddress(m.avail_addr().0 + 0x1000)
-}
-
-/// A ready queue over the mock's descriptor table and avail ring and our used ring.
-fn queue_for(m: &MockSplitQueue<'_, GuestMemory>) -> Queue {
-    let mut q: Queue = m.create_queue().unwrap();
-    let used = used_ring(m).0;
-    q.set_used_ring_address(Some(used as u32), Some((used >> 32) as u32));
-    q
-}
-
 pub struct Driver {
     pub mem: GuestMemory,
     pub dev: Vsock<VsockMuxer>,
-    rx: MockSplitQueue<'static, GuestMemory>,
-    tx: MockSplitQueue<'static, GuestMemory>,
-    rx_avail: u16,
-    rx_used_seen: u16,
-    tx_avail: u16,
+    rx: Ring,
+    tx: Ring,
     /// Bytes the guest consumed per (local, peer) port pair: its fwd_cnt.
     pub fwd: std::collections::HashMap<(u32, u32), u32>,
 }
@@ -74,21 +51,12 @@ pub struct Driver {
 impl Driver {
     pub fn new(path: &std::path::Path) -> Self {
         let mem = crate::memory::create_guest_memory(16 << 20).unwrap();
-        // The mock queues borrow guest memory for their lifetime; tests leak one small
-        // mapping handle per driver to keep the borrow 'static.
-        let leaked: &'static GuestMemory = Box::leak(Box::new(mem.clone()));
-        let rx = MockSplitQueue::create(leaked, GuestAddress(RX_RING), QSIZE);
-        let tx = MockSplitQueue::create(leaked, GuestAddress(TX_RING), QSIZE);
-        let ev = MockSplitQueue::create(leaked, GuestAddress(EV_RING), 16);
+        let rx = Ring::new(&mem, RX_RING, QSIZE);
+        let tx = Ring::new(&mem, TX_RING, QSIZE);
+        let ev = Ring::new(&mem, EV_RING, 16);
         let muxer = VsockMuxer::new(GUEST_CID, path).unwrap();
         let mut dev = Vsock::new(GUEST_CID, muxer).unwrap();
-        let queues = [&rx, &tx, &ev]
-            .iter()
-            .map(|m| VirtioQueue {
-                queue: queue_for(m),
-                notify: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            })
-            .collect();
+        let queues = vec![rx.queue(), tx.queue(), ev.queue()];
         let irq = Arc::new(VirtioInterrupt::new(IrqLine::new(5).unwrap()));
         dev.activate(mem.clone(), irq, queues).unwrap();
         let mut d = Driver {
@@ -96,9 +64,6 @@ impl Driver {
             dev,
             rx,
             tx,
-            rx_avail: 0,
-            rx_used_seen: 0,
-            tx_avail: 0,
             fwd: Default::default(),
         };
         for i in 0..RX_BUFS {
@@ -107,40 +72,13 @@ impl Driver {
         d
     }
 
-    fn write_desc(
-        &self,
-        table: GuestAddress,
-        index: u16,
-        addr: u64,
-        len: u32,
-        flags: u16,
-        next: u16,
-    ) {
-        let base = table.0 + u64::from(index) * 16;
-        self.mem.write_obj(addr, GuestAddress(base)).unwrap();
-        self.mem.write_obj(len, GuestAddress(base + 8)).unwrap();
-        self.mem.write_obj(flags, GuestAddress(base + 12)).unwrap();
-        self.mem.write_obj(next, GuestAddress(base + 14)).unwrap();
-    }
-
-    fn publish(&self, avail: GuestAddress, idx: &mut u16, head: u16) {
-        let slot = u64::from(*idx % QSIZE);
-        self.mem
-            .write_obj(head, GuestAddress(avail.0 + 4 + slot * 2))
-            .unwrap();
-        *idx = idx.wrapping_add(1);
-        self.mem.write_obj(*idx, GuestAddress(avail.0 + 2)).unwrap();
-    }
-
     /// Posts RX buffer `i` (descriptors 2i and 2i+1).
     fn post_rx(&mut self, i: u16) {
         let hdr = RX_BUF_BASE + u64::from(i) * 0x2000;
-        let table = self.rx.desc_table_addr();
-        self.write_desc(table, 2 * i, hdr, HDR as u32, F_WRITE | F_NEXT, 2 * i + 1);
-        self.write_desc(table, 2 * i + 1, hdr + 0x100, RX_DATA, F_WRITE, 0);
-        let mut idx = self.rx_avail;
-        self.publish(self.rx.avail_addr(), &mut idx, 2 * i);
-        self.rx_avail = idx;
+        self.rx
+            .desc(2 * i, hdr, HDR as u32, F_WRITE | F_NEXT, 2 * i + 1);
+        self.rx.desc(2 * i + 1, hdr + 0x100, RX_DATA, F_WRITE, 0);
+        self.rx.publish(2 * i);
     }
 
     /// Sends one packet from the guest.
@@ -160,16 +98,13 @@ impl Driver {
         self.mem
             .write_slice(&p.data, GuestAddress(TX_BUF + 0x100))
             .unwrap();
-        let table = self.tx.desc_table_addr();
         if p.data.is_empty() {
-            self.write_desc(table, 0, TX_BUF, HDR as u32, 0, 0);
+            self.tx.desc(0, TX_BUF, HDR as u32, 0, 0);
         } else {
-            self.write_desc(table, 0, TX_BUF, HDR as u32, F_NEXT, 1);
-            self.write_desc(table, 1, TX_BUF + 0x100, p.data.len() as u32, 0, 0);
+            self.tx.desc(0, TX_BUF, HDR as u32, F_NEXT, 1);
+            self.tx.desc(1, TX_BUF + 0x100, p.data.len() as u32, 0, 0);
         }
-        let mut idx = self.tx_avail;
-        self.publish(self.tx.avail_addr(), &mut idx, 0);
-        self.tx_avail = idx;
+        self.tx.publish(0);
         self.dev.process_tx();
     }
 
@@ -194,15 +129,8 @@ impl Driver {
             .handle_backend_event(vmm_sys_util::epoll::EventSet::IN);
         self.dev.process_rx();
         let mut out = Vec::new();
-        let used = used_ring(&self.rx);
-        let used_idx: u16 = self.mem.read_obj(GuestAddress(used.0 + 2)).unwrap();
-        while self.rx_used_seen != used_idx {
-            let slot = u64::from(self.rx_used_seen % QSIZE);
-            let id: u32 = self
-                .mem
-                .read_obj(GuestAddress(used.0 + 4 + slot * 8))
-                .unwrap();
-            let i = (id / 2) as u16;
+        for (id, _) in self.rx.take_used() {
+            let i = id / 2;
             let hdr_addr = RX_BUF_BASE + u64::from(i) * 0x2000;
             let mut h = [0u8; HDR];
             self.mem.read_slice(&mut h, GuestAddress(hdr_addr)).unwrap();
@@ -227,7 +155,6 @@ impl Driver {
                 *self.fwd.entry((p.src_port, p.dst_port)).or_default() += p.data.len() as u32;
             }
             out.push(p);
-            self.rx_used_seen = self.rx_used_seen.wrapping_add(1);
             self.post_rx(i);
         }
         out

@@ -250,6 +250,9 @@ pub struct RouteConfig {
     pub destination: Option<IpPrefix>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<std::net::IpAddr>,
+    /// Its priority (`metric`), when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metric: Option<u32>,
 }
 
 /// One interface of the container's network namespace, as the guest takes it.

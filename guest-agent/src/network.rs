@@ -98,6 +98,7 @@ fn apply_addresses(nl: &mut Rtnl, index: u32, iface: &InterfaceConfig) -> Result
         let entry = RouteEntry {
             destination: r.destination.as_ref().map(|d| (d.address, d.prefix_len)),
             gateway: r.gateway,
+            metric: r.metric,
         };
         nl.add_route(index, &entry)?;
     }

@@ -104,6 +104,11 @@ impl Rtnl {
         let seq = self.send(op, msg, NLM_F_REQUEST | NLM_F_DUMP)?;
         let mut out = Vec::new();
         self.receive(op, seq, |m| match m {
+            // A dump the kernel could not finish ends with its error in DONE.
+            NetlinkPayload::Done(d) if d.code < 0 => Err(RtnlError::Kernel {
+                op: op.into(),
+                source: io::Error::from_raw_os_error(-d.code),
+            }),
             NetlinkPayload::Done(_) => Ok(true),
             NetlinkPayload::Error(e) if e.code.is_some() => Err(RtnlError::Kernel {
                 op: op.into(),

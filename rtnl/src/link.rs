@@ -45,6 +45,8 @@ pub struct LinkChange {
 pub struct RouteEntry {
     pub destination: Option<(IpAddr, u8)>,
     pub gateway: Option<IpAddr>,
+    /// The route's priority (`metric`), when it has one.
+    pub metric: Option<u32>,
 }
 
 fn link_from(m: &LinkMessage) -> Link {
@@ -247,6 +249,7 @@ impl Rtnl {
             let mut entry = RouteEntry {
                 destination: None,
                 gateway: None,
+                metric: None,
             };
             for a in &r.attributes {
                 match a {
@@ -255,6 +258,7 @@ impl Rtnl {
                         entry.destination = ip_of(d).map(|ip| (ip, h.destination_prefix_length))
                     }
                     RouteAttribute::Gateway(g) => entry.gateway = ip_of(g),
+                    RouteAttribute::Priority(p) => entry.metric = Some(*p),
                     _ => {}
                 }
             }
@@ -288,6 +292,9 @@ impl Rtnl {
         }
         if let Some(gw) = route.gateway {
             m.attributes.push(RouteAttribute::Gateway(gw.into()));
+        }
+        if let Some(metric) = route.metric {
+            m.attributes.push(RouteAttribute::Priority(metric));
         }
         m.attributes.push(RouteAttribute::Oif(index));
         let op = format!("adding route {route:?}");

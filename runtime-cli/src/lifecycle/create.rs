@@ -74,7 +74,8 @@ pub fn check(g: &Globals, o: &CreateOptions, own_tty: bool) -> Result<Checked, L
         ));
     }
     let bundle = Bundle::load(&o.bundle)?;
-    let plan = translate::plan(&bundle, &o.id, o.no_pivot)?;
+    let mut plan = translate::plan(&bundle, &o.id, o.no_pivot)?;
+    own_network_is_none(&mut plan, &o.id)?;
     let assets = plan.assets(g.kernel.as_deref(), g.initrd.as_deref())?;
     plan.vm_config(&assets, vmm::ConsoleOutput::Sink)
         .validate()
@@ -105,15 +106,6 @@ pub fn check(g: &Globals, o: &CreateOptions, own_tty: bool) -> Result<Checked, L
         }
         _ => {}
     }
-    if let Some(translate::VmmNamespace::Join(path)) = &plan.namespaces.network {
-        // A path that is no network namespace fails here, before anything exists.
-        crate::network::netns::Netns::open(path).map_err(|source| {
-            crate::network::NetworkError::Netns {
-                id: o.id.clone(),
-                source,
-            }
-        })?;
-    }
     if dir.exists() {
         return Err(crate::state::StateError::Exists(o.id.clone()).into());
     }
@@ -130,6 +122,24 @@ pub fn check(g: &Globals, o: &CreateOptions, own_tty: bool) -> Result<Checked, L
         plan,
         assets,
     })
+}
+
+/// Checks a network namespace path (one that is none fails here, before anything
+/// exists). The runtime's own namespace (the host's, say) is no namespace of the
+/// container's: joining it changes nothing, and its interfaces are never taken over.
+fn own_network_is_none(plan: &mut Plan, id: &str) -> Result<(), LifecycleError> {
+    if let Some(translate::VmmNamespace::Join(path)) = &plan.namespaces.network {
+        let ns = crate::network::netns::Netns::open(path).map_err(|source| {
+            crate::network::NetworkError::Netns {
+                id: id.into(),
+                source,
+            }
+        })?;
+        if ns.is_own() {
+            plan.namespaces.network = None;
+        }
+    }
+    Ok(())
 }
 
 /// Creates the container: returns once its VM runs and its process waits for `start`.
@@ -360,7 +370,8 @@ pub fn vmm_serve(g: &Globals, o: &CreateOptions, ready_fd: Option<i32>) -> i32 {
         .map_err(LifecycleError::from)
         .and_then(|dir| {
             let bundle = Bundle::load(&o.bundle)?;
-            let plan = translate::plan(&bundle, &o.id, o.no_pivot)?;
+            let mut plan = translate::plan(&bundle, &o.id, o.no_pivot)?;
+            own_network_is_none(&mut plan, &o.id)?;
             let assets = plan.assets(g.kernel.as_deref(), g.initrd.as_deref())?;
             Ok(Checked {
                 dir,

@@ -48,12 +48,12 @@ pub fn start(g: &Globals, id: &str) -> Result<(), LifecycleError> {
         c.kill_vmm(KILL_TIMEOUT);
         return Err(e.into());
     }
-    let interface = wire_network(&c)?;
-    let started = |s: &mut crate::state::State| {
-        s.started = true;
-        s.network.interface = interface.clone();
-    };
-    record_then(&mut c, started, &ControlRequest::Start)?;
+    if let Some(interface) = wire_network(&c)? {
+        // Recorded at once, so that `delete` removes it whatever happens next.
+        c.state.network.interface = Some(interface);
+        c.dir.save(&c.state)?;
+    }
+    record_then(&mut c, |s| s.started = true, &ControlRequest::Start)?;
     hooks::run_warn(hooks.as_ref(), Phase::Poststart, &c.state_json());
     Ok(())
 }
@@ -74,6 +74,11 @@ fn wire_network(c: &Container) -> Result<Option<String>, LifecycleError> {
         id: id.clone(),
         source,
     })?;
+    if ns.is_own() {
+        // Never the runtime's own (the host's) interfaces.
+        network::warn_no_namespace(id);
+        return Ok(None);
+    }
     let expected = c.state.network.seen_at_create.as_deref();
     let wired = network::take_over(id, &ns, expected, |t| {
         let request = ControlRequest::Network { config: t.config };
@@ -89,6 +94,7 @@ fn release_network(c: &Container) {
     let n = &c.state.network;
     if let (Some(path), Some(interface)) = (&n.namespace_path, &n.interface) {
         match Netns::open(path) {
+            Ok(ns) if ns.is_own() => {}
             Ok(ns) => network::release(&c.state.id, &ns, interface),
             Err(e) => log::debug!("container {}: {e}", c.state.id),
         }

@@ -39,13 +39,19 @@ pub struct Takeover {
     pub config: NetworkConfig,
 }
 
-/// The interface a VM takes, and the others it cannot.
+/// The interface a VM takes, and the others it cannot: Ethernet interfaces with an
+/// address (not the all-zero one of the fallback devices some tunnel modules put in every
+/// namespace), those that are up first, then by index.
 fn choose(links: &[Link]) -> (Option<&Link>, Vec<&Link>) {
-    let mut ethernet = links
+    let mut ethernet: Vec<&Link> = links
         .iter()
-        .filter(|l| !l.loopback && l.mac.is_some() && l.name != TAP_NAME);
-    let first = ethernet.next();
-    (first, ethernet.collect())
+        .filter(|l| !l.loopback && l.name != TAP_NAME)
+        .filter(|l| l.mac.is_some_and(|m| m != [0; 6]))
+        .collect();
+    ethernet.sort_by_key(|l| (!l.up, l.index));
+    let mut it = ethernet.into_iter();
+    let first = it.next();
+    (first, it.collect())
 }
 
 /// The interface a takeover of the calling thread's namespace would wire now.
@@ -78,7 +84,8 @@ pub fn take_over(owner: &str) -> Result<Option<Takeover>, TakeoverError> {
     }
     let config = interface_config(&mut nl, iface)?;
     let tap = Tap::create(TAP_NAME)?;
-    match wire(&mut nl, iface, owner) {
+    let mut added = false;
+    match wire(&mut nl, iface, owner, &mut added) {
         Ok(()) => Ok(Some(Takeover {
             tap,
             interface: iface.name.clone(),
@@ -86,8 +93,8 @@ pub fn take_over(owner: &str) -> Result<Option<Takeover>, TakeoverError> {
         })),
         Err(e) => {
             // The tap (and its qdisc) goes with its descriptor; the interface's qdisc
-            // must be removed.
-            if tc::has_ingress(&mut nl, iface.index).unwrap_or(false) {
+            // goes if this takeover added it (one that was there stays).
+            if added {
                 let _ = tc::remove_ingress(&mut nl, iface.index, &iface.name);
             }
             Err(e)
@@ -113,6 +120,7 @@ fn interface_config(nl: &mut Rtnl, iface: &Link) -> Result<NetworkConfig, RtnlEr
                 prefix_len,
             }),
             gateway: r.gateway,
+            metric: r.metric,
         })
         .collect();
     Ok(NetworkConfig {
@@ -126,8 +134,9 @@ fn interface_config(nl: &mut Rtnl, iface: &Link) -> Result<NetworkConfig, RtnlEr
     })
 }
 
-/// Marks and raises the tap, then redirects both ways between it and `iface`.
-fn wire(nl: &mut Rtnl, iface: &Link, owner: &str) -> Result<(), TakeoverError> {
+/// Marks and raises the tap, then redirects both ways between it and `iface`; `added`
+/// says whether `iface`'s ingress qdisc is this call's.
+fn wire(nl: &mut Rtnl, iface: &Link, owner: &str, added: &mut bool) -> Result<(), TakeoverError> {
     let tap = nl
         .link_by_name(TAP_NAME)?
         .ok_or_else(|| TakeoverError::TapGone(TAP_NAME.into()))?;
@@ -139,6 +148,7 @@ fn wire(nl: &mut Rtnl, iface: &Link, owner: &str) -> Result<(), TakeoverError> {
     };
     nl.set_link(tap.index, &change)?;
     tc::add_ingress(nl, iface.index, &iface.name)?;
+    *added = true;
     tc::add_ingress(nl, tap.index, TAP_NAME)?;
     tc::redirect(nl, iface.index, tap.index, &iface.name)?;
     tc::redirect(nl, tap.index, iface.index, TAP_NAME)?;
@@ -146,16 +156,18 @@ fn wire(nl: &mut Rtnl, iface: &Link, owner: &str) -> Result<(), TakeoverError> {
 }
 
 /// Undoes a takeover of interface `name` in the calling thread's namespace once its VM
-/// is gone (the tap went with it): removes the interface's ingress qdisc.
+/// is gone (the tap went with it): removes the interface's ingress qdisc, unless a tap
+/// is there again (another VM's takeover, which owns the qdisc now).
 pub fn release(name: &str) -> Result<(), RtnlError> {
     let mut nl = Rtnl::new()?;
-    let Some(iface) = nl.link_by_name(name)? else {
+    let links = nl.links()?;
+    if links.iter().any(|l| l.name == TAP_NAME) {
         return Ok(());
-    };
-    if tc::has_ingress(&mut nl, iface.index)? {
-        tc::remove_ingress(&mut nl, iface.index, name)?;
     }
-    Ok(())
+    match links.iter().find(|l| l.name == name) {
+        Some(iface) => tc::remove_ingress(&mut nl, iface.index, name),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -188,5 +200,20 @@ mod tests {
         );
         let (none, rest) = choose(&links[..1]);
         assert!(none.is_none() && rest.is_empty());
+        // A fallback tunnel device (all-zero address) is never chosen; an interface that
+        // is up comes before one that is down.
+        let mut gretap = link(2, "gretap0", true, false);
+        gretap.mac = Some([0; 6]);
+        let mut down = link(3, "eth1", true, false);
+        down.up = false;
+        let mut up = link(4, "eth0", true, false);
+        up.up = true;
+        let links = [link(1, "lo", false, true), gretap, down, up];
+        let (first, others) = choose(&links);
+        assert_eq!(first.unwrap().name, "eth0");
+        assert_eq!(
+            others.iter().map(|l| l.name.as_str()).collect::<Vec<_>>(),
+            ["eth1"]
+        );
     }
 }

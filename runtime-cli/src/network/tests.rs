@@ -143,6 +143,7 @@ fn setup(nl: &mut Rtnl) -> (u32, u32) {
     let default = RouteEntry {
         destination: None,
         gateway: Some(ip("10.9.0.1")),
+        metric: Some(100),
     };
     nl.add_route(eth0, &default).unwrap();
     (eth0, peer)
@@ -164,6 +165,7 @@ fn in_new_netns() {
     let default = RouteConfig {
         destination: None,
         gateway: Some(ip("10.9.0.1")),
+        metric: Some(100),
     };
     assert_eq!(i.routes, vec![default]);
     let tap = nl.link_by_name(TAP_NAME).unwrap().expect("no tap");
@@ -252,6 +254,26 @@ fn a_namespace_with_loopback_only_is_left_alone() {
         assert!(take_over("c1").unwrap().is_none());
         let mut nl = Rtnl::new().unwrap();
         assert_eq!(nl.links().unwrap().len(), 1, "something was added");
+    })
+    .join()
+    .unwrap();
+}
+
+#[test]
+fn the_runtimes_own_namespace_is_told_from_another() {
+    let own = super::netns::Netns::open("/proc/self/ns/net".as_ref()).unwrap();
+    assert!(own.is_own());
+    if let Some(why) = unavailable() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    std::thread::spawn(|| {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let other = super::netns::Netns::open("/proc/thread-self/ns/net".as_ref()).unwrap();
+        assert!(
+            !other.is_own(),
+            "a new namespace taken for the runtime's own"
+        );
     })
     .join()
     .unwrap();

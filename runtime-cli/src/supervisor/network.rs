@@ -18,11 +18,23 @@ use crate::translate::VmmNamespace;
 fn attach(shared: &Shared, tap: Tap, config: &NetworkConfig) -> Result<(), String> {
     let net = shared.net.get().ok_or("the VM is not running")?;
     net.attach(Box::new(tap)).map_err(|e| e.to_string())?;
-    let client = shared.client.get().ok_or("the guest agent is not up")?;
-    let mut c = client
-        .control_within(AGENT_CALL_TIMEOUT)
-        .map_err(|e| e.to_string())?;
-    c.network(config).map_err(|e| e.to_string())
+    let configured = shared
+        .client
+        .get()
+        .ok_or_else(|| "the guest agent is not up".to_string())
+        .and_then(|client| {
+            let mut c = client
+                .control_within(AGENT_CALL_TIMEOUT)
+                .map_err(|e| e.to_string())?;
+            c.network(config).map_err(|e| e.to_string())
+        });
+    if let Err(e) = configured {
+        // The tap cannot be taken back from the device: a container whose network is
+        // half set up does not run.
+        shared.stopper.stop(libc::SIGKILL);
+        return Err(format!("{e}; the container is stopped"));
+    }
+    Ok(())
 }
 
 /// A control connection's `network` request, whose tap follows the request on `s`.

@@ -348,6 +348,13 @@ impl VirtioDevice for Net {
     fn reset(&mut self) -> bool {
         self.activation.deactivate();
         self.rx_len = 0;
+        self.acked = 0;
+        // Until the driver negotiates again, frames for it use no offload.
+        if let Some(b) = self.backend.as_mut() {
+            if let Err(e) = b.set_offloads(0) {
+                log::warn!("net: clearing the backend's offloads: {e}");
+            }
+        }
         true
     }
 }

@@ -243,7 +243,8 @@ fn a_user_namespace_maps_ids_for_the_init_and_for_joining_processes() {
     let init_p = start_process(&client, &mut control, "userns", p, io, init(c)).unwrap();
     let owned = dir.path().join("rootfs/tmp/owned");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !owned.exists() {
+    // The file can appear before the output written ahead of it has been relayed.
+    while !owned.exists() || out.text().split_whitespace().count() < 4 {
         assert!(std::time::Instant::now() < deadline, "{}", out.text());
         std::thread::sleep(std::time::Duration::from_millis(20));
     }

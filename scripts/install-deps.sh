@@ -4,8 +4,10 @@
 set -euo pipefail
 
 # docker.io, containerd and runc: the client suite (tests/tests/clients.rs) and the reference runtime
-# of the benchmarks; iproute2: the network namespaces of the network tests.
-want=(busybox-static cpio docker.io containerd runc libseccomp-dev pkg-config iproute2)
+# of the benchmarks; iproute2: the network namespaces of the network tests;
+# containernetworking-plugins: the CNI plugins (/usr/lib/cni) of the `ctr run --cni` test.
+want=(busybox-static cpio docker.io containerd runc libseccomp-dev pkg-config iproute2
+      containernetworking-plugins)
 missing=()
 for p in "${want[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

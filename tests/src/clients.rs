@@ -1,8 +1,9 @@
 //! Real container engines for the client suite: a private `dockerd` (with the containerd it
-//! manages) and a standalone `containerd`, each with its own directories and sockets and no
-//! change to the host's network setup; a busybox image imported from Debian's
-//! busybox-static; and, pass or fail, the end of everything they started (found by pid
-//! through their private paths), their mounts and their shim sockets.
+//! manages) and a standalone `containerd` (on the host, or inside a test network namespace
+//! and a private mount namespace, with `ctr` run in both), each with its own directories
+//! and sockets and no change to the host's network setup; a busybox image imported from
+//! Debian's busybox-static; and, pass or fail, the end of everything they started (found by
+//! pid through their private paths), their mounts, shim sockets and parent cgroups.
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
@@ -76,22 +77,26 @@ pub struct Engine {
     shim_sockets_before: BTreeSet<OsString>,
     cgroups_before: BTreeSet<PathBuf>,
     docker: bool,
+    /// containerd runs in namespaces of its own (`containerd_in_netns`): ctr joins them.
+    private_ns: bool,
 }
 
-/// The parent cgroups dockerd makes for its containers (`docker` in every hierarchy).
-fn docker_cgroups() -> BTreeSet<PathBuf> {
-    let mut found: BTreeSet<PathBuf> = std::fs::read_dir("/sys/fs/cgroup")
+/// The parent cgroups engines make for their containers, in every hierarchy: dockerd's
+/// `docker` and containerd's `default` (its namespace: `/default/<id>`).
+fn parent_cgroups() -> BTreeSet<PathBuf> {
+    let root = Path::new("/sys/fs/cgroup");
+    let hierarchies: Vec<PathBuf> = std::fs::read_dir(root)
         .into_iter()
         .flatten()
         .flatten()
-        .map(|h| h.path().join("docker"))
-        .filter(|p| p.is_dir())
+        .map(|h| h.path())
+        .chain([root.to_path_buf()])
         .collect();
-    let v2 = Path::new("/sys/fs/cgroup/docker");
-    if v2.is_dir() {
-        found.insert(v2.to_path_buf());
-    }
-    found
+    hierarchies
+        .iter()
+        .flat_map(|h| [h.join("docker"), h.join("default")])
+        .filter(|p| p.is_dir())
+        .collect()
 }
 
 fn shim_sockets() -> BTreeSet<OsString> {
@@ -181,21 +186,47 @@ impl Engine {
     /// sockets; no CRI plugin).
     pub fn containerd() -> Result<Engine, String> {
         let dir = TempDir::new("containerd");
-        let p = |s: &str| dir.path().join(s).to_string_lossy().into_owned();
-        let socket = dir.path().join("containerd.sock");
-        let config = format!(
-            "version = 2\nroot = \"{}\"\nstate = \"{}\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-             [grpc]\n  address = \"{}\"\n[ttrpc]\n  address = \"{}.ttrpc\"\n",
-            p("root"),
-            p("state"),
-            socket.display(),
-            socket.display()
-        );
-        let config_path = dir.path().join("config.toml");
-        std::fs::write(&config_path, config).map_err(|e| e.to_string())?;
+        let config_path = containerd_config(dir.path())?;
         let mut cmd = Command::new("containerd");
         cmd.arg("--config").arg(&config_path);
-        let e = Engine::spawn(dir, cmd, socket, false)?;
+        Self::start_containerd(dir, cmd, false)
+    }
+
+    /// Starts the same `containerd` inside network namespace `netns` (see
+    /// `netns::TestNet`) and a private mount namespace, where the shell lines `setup`
+    /// returns (given the engine's directory) run first: mounts made there are seen only
+    /// by containerd, its shims, runvm and `ctr` (which joins both namespaces), and vanish
+    /// with them. nsenter enters the network namespace alone (`ip netns exec` would
+    /// remount /sys and hide the cgroup tree).
+    pub fn containerd_in_netns(
+        netns: &str,
+        setup: impl FnOnce(&Path) -> Result<String, String>,
+    ) -> Result<Engine, String> {
+        let dir = TempDir::new("containerd");
+        let config_path = containerd_config(dir.path())?;
+        let script = format!(
+            "set -e\n{}\nexec nsenter --net=\"$1\" containerd --config \"$2\"\n",
+            setup(dir.path())?
+        );
+        let mut cmd = Command::new("unshare");
+        cmd.args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &script,
+            "sh",
+        ])
+        .arg(format!("/var/run/netns/{netns}"))
+        .arg(&config_path);
+        Self::start_containerd(dir, cmd, true)
+    }
+
+    fn start_containerd(dir: TempDir, cmd: Command, private_ns: bool) -> Result<Engine, String> {
+        let socket = dir.path().join("containerd.sock");
+        let mut e = Engine::spawn(dir, cmd, socket, false)?;
+        e.private_ns = private_ns;
         let ok = wait_until(Duration::from_secs(60), || {
             e.ctr(&["version"], Duration::from_secs(10)).code == Some(0)
         });
@@ -215,7 +246,7 @@ impl Engine {
             std::fs::File::create(dir.path().join("daemon.log")).map_err(|e| e.to_string())?;
         let err = log.try_clone().map_err(|e| e.to_string())?;
         let shim_sockets_before = shim_sockets();
-        let cgroups_before = docker_cgroups();
+        let cgroups_before = parent_cgroups();
         let child = cmd
             .stdin(Stdio::null())
             .stdout(log)
@@ -229,6 +260,7 @@ impl Engine {
             shim_sockets_before,
             cgroups_before,
             docker,
+            private_ns: false,
         })
     }
 
@@ -253,11 +285,29 @@ impl Engine {
         run_with_timeout(self.docker_command(args), timeout)
     }
 
+    /// `ctr -a <socket> ARGS` as a command (in the daemon's namespaces when it has its own).
+    pub fn ctr_command(&self, args: &[&str]) -> Command {
+        let mut c = match self.pid().filter(|_| self.private_ns) {
+            Some(pid) => {
+                let mut c = Command::new("nsenter");
+                c.args(["-t", &pid.to_string(), "--mount", "--net", "ctr"]);
+                c
+            }
+            None => Command::new("ctr"),
+        };
+        c.arg("-a").arg(&self.socket).args(args);
+        c
+    }
+
     /// Runs `ctr -a <socket> ARGS` against this daemon.
     pub fn ctr(&self, args: &[&str], timeout: Duration) -> Finished {
-        let mut c = Command::new("ctr");
-        c.arg("-a").arg(&self.socket).args(args);
-        run_with_timeout(c, timeout)
+        run_with_timeout(self.ctr_command(args), timeout)
+    }
+
+    /// The daemon's mount namespace (`mnt:[INODE]`) while it runs.
+    pub fn mount_namespace(&self) -> Option<String> {
+        let link = std::fs::read_link(format!("/proc/{}/ns/mnt", self.pid()?)).ok()?;
+        Some(link.to_string_lossy().into_owned())
     }
 
     /// Runs a shell command line with `$DOCKER` naming this daemon's CLI (for pipes and
@@ -326,7 +376,7 @@ impl Engine {
 
     /// Starts the daemon again with the same configuration (containerd only).
     pub fn restart_containerd(&mut self) -> Result<(), String> {
-        assert!(!self.docker && self.daemon.is_none());
+        assert!(!self.docker && !self.private_ns && self.daemon.is_none());
         let log = std::fs::OpenOptions::new()
             .append(true)
             .open(self.dir.path().join("daemon.log"))
@@ -417,7 +467,7 @@ impl Engine {
             let _ = std::fs::remove_file(Path::new(SHIM_SOCKETS).join(name));
         }
         // Parent cgroups this daemon made (an empty one only: rmdir refuses others).
-        for dir in docker_cgroups().difference(&self.cgroups_before) {
+        for dir in parent_cgroups().difference(&self.cgroups_before) {
             let _ = std::fs::remove_dir(dir);
         }
         if self.shim_sockets_before.is_empty() {
@@ -457,3 +507,19 @@ impl Drop for Engine {
 
 /// The image the suite imports.
 pub const IMAGE: &str = "runvm-busybox";
+
+/// Writes a version-2 containerd config (private root, state and sockets under `dir`; no
+/// CRI plugin) and returns its path.
+fn containerd_config(dir: &Path) -> Result<PathBuf, String> {
+    let p = |s: &str| dir.join(s).to_string_lossy().into_owned();
+    let socket = p("containerd.sock");
+    let config = format!(
+        "version = 2\nroot = \"{}\"\nstate = \"{}\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+         [grpc]\n  address = \"{socket}\"\n[ttrpc]\n  address = \"{socket}.ttrpc\"\n",
+        p("root"),
+        p("state"),
+    );
+    let path = dir.join("config.toml");
+    std::fs::write(&path, config).map_err(|e| e.to_string())?;
+    Ok(path)
+}

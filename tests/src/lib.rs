@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 pub mod agent;
 pub mod bundle;
 pub mod clients;
+pub mod cni;
 pub mod host_container;
 pub mod netns;
 pub mod watchdog;

@@ -4,13 +4,17 @@
 //! default route), pings and connects to the peer over TCP and UDP (`net-bench udp`, a
 //! static test program), and serves HTTP the peer fetches, 1 MiB over TCP among it; a second container in the same namespace is refused at start, naming
 //! the first, which keeps working; a foreground `runvm run` takes its namespace over
-//! itself. After each, no tap or qdisc is left in the namespace.
+//! itself. After each, no tap or qdisc is left in the namespace. Engines run inside a test
+//! namespace too: dockerd's default bridge network (NAT, published ports), and
+//! containerd's `ctr run --cni` with Debian's bridge plugin (the CNI configuration mounted
+//! only in a private mount namespace, `runvm_tests::cni`), reached both ways.
 
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+use runvm_tests::clients::Engine;
 use runvm_tests::netns::{netns_test_unavailable, TestNet};
 use runvm_tests::{
     container_test_unavailable, fails_with, ok, runvm, runvm_to_files, skip_unless, ContainerGuard,
@@ -252,7 +256,12 @@ fn a_foreground_run_takes_over_its_namespace_itself() {
 
 /// Runs `f` in a thread that enters the peer's namespace.
 fn in_peer<T: Send + 'static>(net: &TestNet, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let ns = std::fs::File::open(format!("/var/run/netns/{}", net.peer)).unwrap();
+    in_netns(&net.peer, f)
+}
+
+/// Runs `f` in a thread that enters the named network namespace.
+fn in_netns<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let ns = std::fs::File::open(format!("/var/run/netns/{name}")).unwrap();
     std::thread::spawn(move || {
         nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
         f()
@@ -300,7 +309,7 @@ fn fetch_until(net: &TestNet, addr: &str, path: &str, want: &str, bound: Duratio
 
 #[test]
 fn docker_bridge_networking_inside_a_test_namespace() {
-    use runvm_tests::clients::{clients_unavailable, Engine, IMAGE};
+    use runvm_tests::clients::{clients_unavailable, IMAGE};
     skip_unless!(unavailable().or_else(clients_unavailable));
     // dockerd lives in the test's "host" namespace: its bridge, NAT and published ports
     // stay there; the peer plays a client on the host's network.
@@ -376,4 +385,168 @@ fn docker_bridge_networking_inside_a_test_namespace() {
     let lines: Vec<&str> = ok(&f, "--network none").stdout.lines().collect();
     assert!(lines.iter().all(|l| l.contains(" lo ")), "{lines:?}");
     ok(&d(&["rm", "-f", "web"], QUICK), "rm -f");
+}
+
+/// A `ctr run` in the foreground, killed (by its pid) if the test ends before it does.
+struct Foreground(std::process::Child);
+
+impl Drop for Foreground {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Connects from namespace `ns` to `addr` until something listens there; the first line
+/// it sends.
+fn first_line(ns: &str, addr: std::net::SocketAddr, bound: Duration) -> Result<String, String> {
+    in_netns(ns, move || {
+        let deadline = Instant::now() + bound;
+        let mut s = loop {
+            match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() >= deadline => return Err(format!("{addr}: {e}")),
+                Err(_) => std::thread::sleep(Duration::from_millis(500)),
+            }
+        };
+        s.set_read_timeout(Some(QUICK)).map_err(|e| e.to_string())?;
+        let mut line = Vec::new();
+        let mut byte = [0u8];
+        while !line.ends_with(b"\n") && s.read(&mut byte).map_err(|e| e.to_string())? == 1 {
+            line.push(byte[0]);
+        }
+        Ok(String::from_utf8_lossy(&line).into_owned())
+    })
+}
+
+/// The processes in mount namespace `mnt` (`mnt:[INODE]`).
+fn in_mount_namespace(mnt: &str) -> Vec<i32> {
+    let pids = std::fs::read_dir("/proc").into_iter().flatten().flatten();
+    pids.filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/ns/mnt"))
+                .is_ok_and(|l| l.to_string_lossy() == mnt)
+        })
+        .collect()
+}
+
+/// `ctr run --rm --cni` of `script` on runvm, from a busybox root file system, in the
+/// foreground; its output goes to the returned file.
+fn ctr_run_cni(engine: &Engine, id: &str, script: &str) -> (Foreground, PathBuf) {
+    let d = engine.dir.path();
+    let rootfs = d.join("rootfs");
+    runvm_tests::busybox_rootfs(&rootfs).unwrap();
+    let p = |s: &str| d.join(s).to_string_lossy().into_owned();
+    let runvm = runvm_tests::runvm_bin().unwrap();
+    let (runc_root, fifo_dir) = (p("runvm-root"), p("fifo"));
+    let mut args = vec!["run", "--rm", "--cni", "--runtime", "io.containerd.runc.v2"];
+    args.extend(["--runc-binary", runvm.to_str().unwrap()]);
+    args.extend(["--runc-root", &runc_root, "--fifo-dir", &fifo_dir]);
+    args.extend(["--env", "PATH=/bin:/sbin:/usr/bin:/usr/sbin"]);
+    args.extend([
+        "--rootfs",
+        rootfs.to_str().unwrap(),
+        id,
+        "/bin/sh",
+        "-c",
+        script,
+    ]);
+    let out = d.join(format!("{id}.out"));
+    let file = std::fs::File::create(&out).unwrap();
+    let mut cmd = engine.ctr_command(&args);
+    cmd.stdin(Stdio::null())
+        .stdout(file.try_clone().unwrap())
+        .stderr(file);
+    (Foreground(cmd.spawn().unwrap()), out)
+}
+
+/// The address `ip -o -4 addr show eth0` printed in `text`, if it starts with `prefix`.
+fn eth0_address(text: &str, prefix: &str) -> Option<String> {
+    text.lines()
+        .filter(|l| l.contains(" eth0 "))
+        .flat_map(|l| l.split_whitespace().skip_while(|w| *w != "inet").nth(1))
+        .find_map(|a| a.strip_suffix("/24").filter(|a| a.starts_with(prefix)))
+        .map(String::from)
+}
+
+/// Polls `done` until it holds or `bound` passes; whether it held.
+fn eventually(bound: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + bound;
+    while !done() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    true
+}
+
+#[test]
+fn containerd_cni_bridge_networking_inside_a_test_namespace() {
+    use runvm_tests::clients::clients_unavailable;
+    use runvm_tests::cni::{cni_unavailable, BridgeNet};
+    skip_unless!(unavailable()
+        .or_else(clients_unavailable)
+        .or_else(cni_unavailable));
+    // containerd and ctr live in the test's "host" namespace, where the CNI bridge goes;
+    // the CNI configuration is mounted only in their private mount namespace.
+    let net = TestNet::new("cni", 1500).unwrap();
+    let cni = BridgeNet::new("runvm-test", "rvt-cni0", 77);
+    let engine = Engine::containerd_in_netns(&net.container, |d| cni.mount_setup(d)).unwrap();
+    let mnt = engine.mount_namespace().unwrap();
+    let gw = cni.gateway();
+    let script = format!(
+        "ip -o -4 addr show eth0; ip route; ping -c 1 -W 10 {gw} && echo PING-OK; \
+         echo SERVING; echo cni-reply | nc -l -p 9000"
+    );
+    let (mut ctr, out) = ctr_run_cni(&engine, "cni1", &script);
+    let read = || std::fs::read_to_string(&out).unwrap_or_default();
+    eventually(T, || {
+        read().contains("SERVING") || ctr.0.try_wait().is_ok_and(|s| s.is_some())
+    });
+    let text = read();
+    assert!(text.contains("SERVING"), "ctr run --cni:\n{text}");
+    let addr = eth0_address(&text, &cni.prefix())
+        .unwrap_or_else(|| panic!("no CNI address on eth0:\n{text}"));
+    assert!(text.contains(&format!("default via {gw}")), "{text}");
+    assert!(text.contains("PING-OK"), "no reply from {gw}:\n{text}");
+    // The namespace reaches the container at its CNI address.
+    let to = format!("{addr}:9000").parse().unwrap();
+    let reply = first_line(&net.container, to, QUICK);
+    assert_eq!(reply.as_deref().map(str::trim), Ok("cni-reply"));
+    eventually(QUICK, || ctr.0.try_wait().unwrap().is_some());
+    let status = ctr.0.try_wait().unwrap();
+    let text = read();
+    let exited = status.is_some_and(|s| s.success());
+    assert!(exited, "ctr run: {status:?}\n{text}");
+
+    // host-local kept its state in the test's directory, and ctr's CNI DEL gave the
+    // address back; the VM, its shim and its veth are gone.
+    let ipam = engine.dir.path().join("cni/ipam").join(&cni.name);
+    assert!(
+        ipam.join("last_reserved_ip.0").exists(),
+        "no IPAM state in {ipam:?}"
+    );
+    assert!(!ipam.join(&addr).exists(), "{addr} is still allocated");
+    let vms = || {
+        let left = engine.leftover_processes().into_iter();
+        left.filter(|(_, c)| c.contains("vmm-serve") || c.contains("containerd-shim"))
+            .count()
+    };
+    assert!(
+        eventually(QUICK, || vms() == 0),
+        "{:?}",
+        engine.leftover_processes()
+    );
+    let links = || runvm_tests::netns::ip(&["-n", &net.container, "-o", "link"]).unwrap();
+    assert!(
+        eventually(QUICK, || !links().contains("veth")),
+        "{}",
+        links()
+    );
+    drop(engine);
+    let held = in_mount_namespace(&mnt);
+    assert!(held.is_empty(), "pids {held:?} keep the private mounts");
 }

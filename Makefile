@@ -18,6 +18,9 @@ RUNVM       := $(BUILD)/bin/runvm
 AGENT       := target/$(TARGET)/agent/runvm-agent
 TEST_BINS   := target/$(TARGET)/agent
 STATIC      := RUSTFLAGS="-C target-feature=+crt-static"
+# The template store of the test suites: every test VM of the default shape starts
+# from the template made here; other shapes get theirs in the background.
+TEMPLATES   := $(BUILD)/templates
 
 .PHONY: all deps runvm agent kernel test-bins install test demo bench fuzz clean
 
@@ -60,15 +63,26 @@ install: all
 	install -D -m 644 $(SHARE)/initramfs.cpio $(DESTDIR)$(PREFIX)/share/runvm/initramfs.cpio
 
 # Tests that need /dev/kvm or the kernel skip with a reason; the summary lists them.
+# The suites start their VMs from templates (the default): the default shape's is made
+# first (without /dev/kvm, nothing is made and the VM tests skip); at the end, a template
+# still being made in the background is waited for.
 test: all test-bins
 	@rm -f $(BUILD)/skipped.log
+	@$(RUNVM) --template-dir $(TEMPLATES) template rm --all
+	@if [ -c /dev/kvm ]; then \
+	    echo "== making the default VM template"; \
+	    $(RUNVM) --kernel $(SHARE)/vmlinux --initrd $(SHARE)/initramfs.cpio --template-dir $(TEMPLATES) template create; \
+	fi
 	RUNVM_KERNEL=$(abspath $(SHARE)/vmlinux) \
 	RUNVM_INITRD=$(abspath $(SHARE)/initramfs.cpio) \
 	RUNVM_BIN=$(abspath $(RUNVM)) \
 	RUNVM_AGENT=$(abspath $(AGENT)) \
 	RUNVM_TEST_BINS=$(abspath $(TEST_BINS)) \
 	RUNVM_TEST_SKIP_LOG=$(abspath $(BUILD)/skipped.log) \
+	RUNVM_TEMPLATE_DIR=$(abspath $(TEMPLATES)) \
 	$(CARGO) test --release --workspace
+	@flock $(TEMPLATES)/.lock true 2>/dev/null || true
+	@$(RUNVM) --template-dir $(TEMPLATES) template list
 	@if [ -s $(BUILD)/skipped.log ]; then echo "== skipped tests:"; cat $(BUILD)/skipped.log; else echo "== no test was skipped"; fi
 
 demo: all

@@ -231,6 +231,17 @@ pub enum Request {
     /// Configures the VM's network interface as the container's (answered once the
     /// link is up, or after a short wait for it).
     Network { config: NetworkConfig },
+    /// Gives the VM its own identity before anything of a container runs there (a VM
+    /// restored from a template shares all of its state with its siblings until then):
+    /// `entropy`, fresh host randomness, is mixed into the guest kernel's random pool,
+    /// which is then reseeded; the wall clock is set to `realtime_ns` (nanoseconds since
+    /// the epoch); the VM's hostname becomes `hostname`.
+    Identity {
+        entropy: Vec<u8>,
+        realtime_ns: i64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        hostname: Option<String>,
+    },
     /// Ends the VM (after syncing file systems).
     Shutdown,
 }

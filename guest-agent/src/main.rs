@@ -9,6 +9,7 @@
 mod confine;
 mod conn;
 mod container;
+mod identity;
 mod init;
 mod network;
 mod power;

@@ -30,6 +30,11 @@ pub enum NetworkError {
     NotInVm,
 }
 
+/// Whether this agent is a VM's init (it brought the VM's loopback up).
+pub fn in_vm() -> bool {
+    IN_VM.load(Ordering::SeqCst)
+}
+
 /// Brings loopback up; from then on the agent may configure the VM's network.
 pub fn init() -> Result<(), NetworkError> {
     IN_VM.store(true, Ordering::SeqCst);

@@ -284,6 +284,14 @@ fn dispatch(request: Request, procs: &Arc<Processes>) -> Response {
             Ok(()) => Response::Ok,
             Err(e) => error(&e),
         },
+        Request::Identity {
+            entropy,
+            realtime_ns,
+            hostname,
+        } => match crate::identity::apply(&entropy, realtime_ns, hostname.as_deref()) {
+            Ok(()) => Response::Ok,
+            Err(e) => error(&e),
+        },
         Request::Shutdown => Response::Ok,
     }
 }

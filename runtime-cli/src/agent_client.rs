@@ -274,6 +274,23 @@ impl Control {
         })
     }
 
+    /// Gives the VM its own identity: `entropy` for its random pool, the host's wall
+    /// clock now, and `hostname`.
+    pub fn identity(
+        &mut self,
+        entropy: Vec<u8>,
+        hostname: Option<&str>,
+    ) -> Result<(), ClientError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        self.expect_ok(&Request::Identity {
+            entropy,
+            realtime_ns: i64::try_from(now.as_nanos()).unwrap_or(i64::MAX),
+            hostname: hostname.map(str::to_string),
+        })
+    }
+
     pub fn shutdown(&mut self) -> Result<(), ClientError> {
         self.expect_ok(&Request::Shutdown)
     }

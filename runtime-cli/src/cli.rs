@@ -55,6 +55,9 @@ pub enum Command {
     Boot(BootArgs),
     /// Run a command in a fresh VM whose root is the agent initramfs.
     VmRun(VmRunArgs),
+    /// Make, list or remove VM templates (booted VMs that containers start from).
+    #[command(subcommand)]
+    Template(TemplateCommand),
     /// Write the agent initramfs (used by `make`).
     #[command(hide = true)]
     Initramfs(InitramfsArgs),
@@ -187,6 +190,16 @@ pub struct BootArgs {
     /// Write the console here instead of stdout.
     #[arg(long)]
     pub console_log: Option<PathBuf>,
+    /// Once the console shows a line containing this text, snapshot the VM into
+    /// --snapshot's directory and end it.
+    #[arg(long, requires = "snapshot")]
+    pub snapshot_on: Option<String>,
+    /// Directory (created) for the snapshot --snapshot-on takes.
+    #[arg(long, requires = "snapshot_on", conflicts_with = "restore")]
+    pub snapshot: Option<PathBuf>,
+    /// Resume the VM saved in this directory instead of booting.
+    #[arg(long)]
+    pub restore: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -212,6 +225,50 @@ pub struct VmRunArgs {
     /// The command and its arguments.
     #[arg(last = true)]
     pub command: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TemplateCommand {
+    /// Boot a VM of a shape and save it as that shape's template (prints its key).
+    Create(TemplateCreateArgs),
+    /// List the templates.
+    #[command(visible_alias = "ls")]
+    List(TemplateListArgs),
+    /// Remove templates (VMs started from them keep running).
+    Rm(TemplateRmArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TemplateCreateArgs {
+    /// Guest memory in MiB (a container's memory limit).
+    #[arg(long, default_value_t = vmm::config::DEFAULT_MEM_MIB, value_parser = parse_mem)]
+    pub memory: u64,
+    /// Number of vCPUs (from a container's CPU quota).
+    #[arg(long, default_value_t = 1, value_parser = parse_cpus)]
+    pub vcpus: u8,
+    /// Kernel parameters (a bundle's vm.kernel.parameters).
+    #[arg(long, default_value = "")]
+    pub kernel_params: String,
+    /// The build lock, taken by the runvm that started this one (internal).
+    #[arg(long, hide = true)]
+    pub lock_fd: Option<i32>,
+}
+
+#[derive(Debug, Args)]
+pub struct TemplateListArgs {
+    /// Output format.
+    #[arg(long, short = 'f', value_enum, default_value = "table")]
+    pub format: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct TemplateRmArgs {
+    /// Remove every template.
+    #[arg(long, conflicts_with = "keys")]
+    pub all: bool,
+    /// Keys of the templates to remove.
+    #[arg(required_unless_present = "all")]
+    pub keys: Vec<String>,
 }
 
 #[derive(Debug, Args)]

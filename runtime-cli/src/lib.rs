@@ -23,6 +23,7 @@ pub mod sandbox;
 pub mod share;
 pub mod state;
 pub mod supervisor;
+pub mod template;
 pub mod translate;
 pub mod util;
 pub mod vm_run;

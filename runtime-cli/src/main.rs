@@ -28,6 +28,7 @@ fn dispatch(cli: &cli::Cli) -> anyhow::Result<Option<i32>> {
         C::Update(a) => cmd::update::run(cli, a).map(|_| None)?,
         C::Boot(a) => cmd::boot::run(cli, a).map(|_| None)?,
         C::VmRun(a) => Some(cmd::vm_run::run(cli, a)?),
+        C::Template(a) => cmd::template::run(cli, a).map(|_| None)?,
         C::Initramfs(a) => {
             runtime_cli::initramfs::write_agent_initramfs(&a.agent, &a.output).map(|_| None)?
         }

@@ -3,6 +3,12 @@
 //! agent's ready call on host port 1025, and hands out an agent client. `finish` lets the VM end on
 //! its own for a while and stops it otherwise, so a guest that halts without resetting
 //! cannot keep the VMM alive.
+//!
+//! Instead of booting, a sandbox can resume a template: a snapshot of a VM of the same
+//! shape whose agent was ready and idle. Its agent is then already listening (the vsock
+//! device resets the connections the snapshot had), so there is no ready call to wait
+//! for. A template that cannot be restored is logged and the VM boots instead.
+//! `adopt` gives either VM its own identity (randomness, clock, hostname).
 
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixListener;
@@ -11,9 +17,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agent_protocol::{check_version, read_frame, Hello, AGENT_PORT, READY_PORT};
-use vmm::devices::virtio::net::{Net, NetAttach};
+use vmm::devices::virtio::fs::FS_DEVICE_ID;
+use vmm::devices::virtio::net::{Net, NetAttach, NET_DEVICE_ID};
 use vmm::devices::virtio::vsock::unix::VsockMuxer;
-use vmm::devices::virtio::vsock::Vsock;
+use vmm::devices::virtio::vsock::{Vsock, VSOCK_DEVICE_ID};
+use vmm::snapshot::{Shape, Snapshot, SnapshotError};
 use vmm::{BuildError, HostProfile, RunningVm, VmBuilder, VmConfig, VmExit, VmHandle};
 
 use crate::agent_client::{AgentClient, VsockDialer};
@@ -24,6 +32,34 @@ pub const GUEST_CID: u64 = 3;
 pub const BOOT_MAC: [u8; 6] = [0x02, 0x72, 0x76, 0x00, 0x00, 0x01];
 /// Name of the vsock socket in the sandbox directory.
 pub const VSOCK_NAME: &str = "vsock.sock";
+/// Bytes of host randomness a VM's random pool gets.
+const ENTROPY_BYTES: usize = 64;
+
+/// The shape of a sandbox VM of `config` (with a share or not) on a host with `profile`:
+/// what a template must have been made with to serve it.
+pub fn shape(config: &VmConfig, profile: &HostProfile, share: bool) -> std::io::Result<Shape> {
+    let devices: &[u32] = if share {
+        &[VSOCK_DEVICE_ID, NET_DEVICE_ID, FS_DEVICE_ID]
+    } else {
+        &[VSOCK_DEVICE_ID, NET_DEVICE_ID]
+    };
+    Shape::of(config, profile, devices)
+}
+
+/// What to start a sandbox VM from.
+#[derive(Debug)]
+pub struct Launch<'a> {
+    pub config: VmConfig,
+    pub profile: HostProfile,
+    /// The vsock device's socket.
+    pub vsock: &'a Path,
+    /// The directory a virtio-fs device serves (tag [`crate::translate::SHARE_TAG`]).
+    pub share: Option<&'a Path>,
+    /// How long a booting VM's agent may take to be ready.
+    pub ready_timeout: Duration,
+    /// A template to restore instead of booting.
+    pub template: Option<Snapshot>,
+}
 
 /// Errors booting a sandbox.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +82,10 @@ pub enum SandboxError {
     NotReady(Duration),
     #[error("the guest agent's ready call was malformed: {0}")]
     BadReady(String),
+    #[error("snapshot: {0}")]
+    Snapshot(#[from] SnapshotError),
+    #[error("giving the VM its identity: {0}")]
+    Identity(#[source] crate::agent_client::ClientError),
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -77,77 +117,125 @@ impl Sandbox {
         ready_timeout: Duration,
     ) -> Result<Self, SandboxError> {
         let vsock = dir.join(VSOCK_NAME);
-        let profile = HostProfile::detect();
-        Self::boot_with_share(config, profile, &vsock, None, ready_timeout, |_| {})
+        let launch = Launch {
+            config,
+            profile: HostProfile::detect(),
+            vsock: &vsock,
+            share: None,
+            ready_timeout,
+            template: None,
+        };
+        Self::launch(launch, |_| {})
     }
 
-    /// Boots `config` with a vsock device at `vsock` and, with `share`, a virtio-fs device
-    /// (tag [`crate::translate::SHARE_TAG`]) serving that directory; waits up to
-    /// `ready_timeout` for the agent. `on_running` gets a handle to the VM as soon as it
-    /// runs (so that it can be stopped while it boots).
-    pub fn boot_with_share(
-        config: VmConfig,
-        profile: HostProfile,
-        vsock: &Path,
-        share: Option<&Path>,
-        ready_timeout: Duration,
+    /// Starts the VM `launch` describes: restores its template, or boots and waits for
+    /// the agent. `on_running` gets a handle to the VM as soon as it runs (so that it can
+    /// be stopped while it boots).
+    pub fn launch(
+        mut launch: Launch<'_>,
         on_running: impl FnOnce(VmHandle),
     ) -> Result<Self, SandboxError> {
-        let ready_path = ready_socket(vsock);
+        if let Some(template) = launch.template.take() {
+            let dir = template.dir.clone();
+            match Self::start(&launch, Some(template)) {
+                Ok((vm, attach)) => {
+                    log::info!("VM restored from template {}", dir.display());
+                    on_running(vm.handle());
+                    return Ok(Self::with_agent(
+                        vm,
+                        attach,
+                        launch.vsock,
+                        "restored".into(),
+                    ));
+                }
+                Err(e) => log::warn!(
+                    "template {} was not restored ({e}): booting instead",
+                    dir.display()
+                ),
+            }
+        }
+        let ready_path = ready_socket(launch.vsock);
         let ready = vmm::unix_path::bind(&ready_path).map_err(|source| SandboxError::Io {
             what: "binding",
             path: ready_path.clone(),
             source,
         })?;
-        let vm = (config, profile);
-        let result = Self::start(vm, vsock, share, &ready, ready_timeout, on_running);
+        let result = Self::start(&launch, None).and_then(|(vm, attach)| {
+            on_running(vm.handle());
+            match wait_ready(&ready, &vm, launch.ready_timeout) {
+                Ok(agent) => Ok(Self::with_agent(vm, attach, launch.vsock, agent)),
+                Err(e) => {
+                    vm.handle().stop();
+                    let exit = vm.wait();
+                    Err(match e {
+                        SandboxError::EndedEarly(_) => SandboxError::EndedEarly(exit),
+                        e => e,
+                    })
+                }
+            }
+        });
         let _ = std::fs::remove_file(&ready_path);
         result
     }
 
-    fn start(
-        (config, profile): (VmConfig, HostProfile),
-        vsock: &Path,
-        share: Option<&Path>,
-        ready: &UnixListener,
-        timeout: Duration,
-        on_running: impl FnOnce(VmHandle),
-    ) -> Result<Self, SandboxError> {
-        let muxer = VsockMuxer::new(GUEST_CID, vsock)?;
-        let device = Vsock::new(GUEST_CID, muxer).map_err(SandboxError::VsockDevice)?;
-        let mut builder = VmBuilder::new(config, profile);
-        builder.add_virtio_device(Arc::new(Mutex::new(device)));
-        let net = Net::new(BOOT_MAC).map_err(SandboxError::NetDevice)?;
-        let attach = net.attach_handle();
-        builder.add_virtio_device(Arc::new(Mutex::new(net)));
-        if let Some(dir) = share {
-            let server = vmm::devices::virtio::fs::passthrough::share_server(dir)?;
-            let fs = vmm::devices::virtio::fs::VirtioFs::new(crate::translate::SHARE_TAG, server)?;
-            builder.add_virtio_device(Arc::new(Mutex::new(fs)));
-        }
-        let vm = builder.build()?.start()?;
-        on_running(vm.handle());
-        let agent = match wait_ready(ready, &vm, timeout) {
-            Ok(a) => a,
-            Err(e) => {
-                vm.handle().stop();
-                let exit = vm.wait();
-                return Err(match e {
-                    SandboxError::EndedEarly(_) => SandboxError::EndedEarly(exit),
-                    e => e,
-                });
-            }
-        };
+    fn with_agent(vm: RunningVm, net: NetAttach, vsock: &Path, agent: String) -> Self {
         let client = AgentClient::new(Arc::new(VsockDialer {
             socket: vsock.to_path_buf(),
             port: AGENT_PORT,
         }));
-        Ok(Sandbox {
+        Sandbox {
             vm,
             client,
-            net: attach,
+            net,
             agent,
-        })
+        }
+    }
+
+    /// The VM with its devices, booted or restored from `template`, running.
+    fn start(
+        launch: &Launch<'_>,
+        template: Option<Snapshot>,
+    ) -> Result<(RunningVm, NetAttach), SandboxError> {
+        let muxer = VsockMuxer::new(GUEST_CID, launch.vsock)?;
+        let device = Vsock::new(GUEST_CID, muxer).map_err(SandboxError::VsockDevice)?;
+        let mut builder = VmBuilder::new(launch.config.clone(), launch.profile);
+        builder.add_virtio_device(Arc::new(Mutex::new(device)));
+        let net = Net::new(BOOT_MAC).map_err(SandboxError::NetDevice)?;
+        let attach = net.attach_handle();
+        builder.add_virtio_device(Arc::new(Mutex::new(net)));
+        if let Some(dir) = launch.share {
+            let server = vmm::devices::virtio::fs::passthrough::share_server(dir)?;
+            let fs = vmm::devices::virtio::fs::VirtioFs::new(crate::translate::SHARE_TAG, server)?;
+            builder.add_virtio_device(Arc::new(Mutex::new(fs)));
+        }
+        let vmm = match template {
+            Some(t) => builder.restore(t)?,
+            None => builder.build()?,
+        };
+        Ok((vmm.start()?, attach))
+    }
+
+    /// Gives the VM its own identity before a container runs in it: fresh host
+    /// randomness for its random pool, the host's wall clock, and `hostname`.
+    pub fn adopt(&self, hostname: Option<&str>, timeout: Duration) -> Result<(), SandboxError> {
+        let mut entropy = vec![0u8; ENTROPY_BYTES];
+        getrandom(&mut entropy).map_err(|source| SandboxError::Io {
+            what: "reading randomness for",
+            path: PathBuf::from("the guest"),
+            source,
+        })?;
+        let mut control = self
+            .client
+            .control_within(timeout)
+            .map_err(SandboxError::Identity)?;
+        control
+            .identity(entropy, hostname)
+            .map_err(SandboxError::Identity)
+    }
+
+    /// Saves the VM, as one of `shape`, into `dir`; the VM stays paused.
+    pub fn snapshot(&self, dir: &Path, shape: &Shape) -> Result<(), SandboxError> {
+        Ok(self.vm.snapshot(dir, shape)?)
     }
 
     /// The agent client.
@@ -173,6 +261,12 @@ impl Sandbox {
         }
         self.vm.wait()
     }
+}
+
+/// Fills `buf` from the host kernel's random pool.
+fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")?.read_exact(buf)
 }
 
 /// Waits for the agent's `Hello::Ready` on the ready socket, or for the VM's end.

@@ -55,8 +55,8 @@ pub fn clients_unavailable() -> Option<String> {
     None
 }
 
-/// The runvm arguments that name the built kernel and initramfs (as a daemon.json
-/// `runtimeArgs` entry would for an installed runvm).
+/// The runvm arguments that name the built kernel and initramfs and the suites' template
+/// store (as a daemon.json `runtimeArgs` entry would for an installed runvm).
 pub fn asset_args() -> Vec<String> {
     let k = crate::kernel().expect("kernel");
     let i = std::env::var("RUNVM_INITRD").expect("RUNVM_INITRD");
@@ -65,6 +65,8 @@ pub fn asset_args() -> Vec<String> {
         k.to_string_lossy().into_owned(),
         "--initrd".into(),
         i,
+        "--template-dir".into(),
+        crate::shared_templates().to_string_lossy().into_owned(),
     ]
 }
 

@@ -140,12 +140,34 @@ pub fn runvm_bin() -> Result<PathBuf, String> {
 }
 
 /// Everything a boot test needs, or the reason it cannot run.
-/// Arms the binary's [`watchdog`] as well: every VM test passes through here.
+/// Arms the binary's [`watchdog`] as well: every VM test passes through here, and so
+/// does the choice of template store ([`shared_templates`]).
 pub fn vm_test_unavailable() -> Option<String> {
     watchdog::arm();
+    shared_templates();
     kvm_unavailable()
         .or_else(|| kernel().err())
         .or_else(|| runvm_bin().err())
+}
+
+/// The suites' VMs start from templates (runvm's default), all from one store:
+/// `RUNVM_TEMPLATE_DIR` (`make test` sets it and makes the default shape's template
+/// first), or `runvm-test-templates` in the system temp dir, so that every runvm these
+/// tests start (directly, or through Docker and containerd, which pass their environment
+/// on) shares it instead of making one per test root.
+pub fn shared_templates() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| match std::env::var_os("RUNVM_TEMPLATE_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            let d = std::env::temp_dir().join("runvm-test-templates");
+            // Before any runvm of this binary starts (each test passes through here
+            // first); the variable is read by the runvm processes, never by this one.
+            std::env::set_var("RUNVM_TEMPLATE_DIR", &d);
+            d
+        }
+    })
+    .clone()
 }
 
 /// A temporary directory removed on drop.

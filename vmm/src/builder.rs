@@ -2,6 +2,11 @@
 //! validate, KVM VM and guest memory, irqchip, legacy devices, virtio devices (one MMIO
 //! window and interrupt line each, from [`MmioAllocator`]), kernel and boot data, vCPUs.
 //! Then `Vmm::start` runs it (see `running`).
+//!
+//! `restore` takes the same path with a snapshot of a VM of the same shape: guest memory
+//! is the snapshot's memory file (mapped copy-on-write), no kernel is loaded, and once
+//! everything exists the saved state goes back in: KVM's (irqchip, PIT, clock), each
+//! vCPU's, then the devices'. Any failure drops the half-built VM: nothing runs.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -10,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use event_manager::MutEventSubscriber;
 
 use crate::boot::{self, regs, BootError, EntryMode, LoadedKernel};
-use crate::bus::{Bus, BusError};
+use crate::bus::{lock, Bus, BusError};
 use crate::cmdline::{self, CmdlineError, MmioDeviceArg};
 use crate::config::{ConfigError, ConsoleOutput, VmConfig};
 use crate::console_log::{ConsoleLog, CONSOLE_LOG_LIMIT};
@@ -27,6 +32,7 @@ use crate::host_profile::HostProfile;
 use crate::memory::{self, layout, GuestMemory};
 use crate::running::Vmm;
 use crate::seccomp::{self, SeccompError, ThreadKind};
+use crate::snapshot::{Snapshot, SnapshotError, VmState};
 use crate::vcpu::{self, Vcpu, VcpuControl};
 use crate::vm::{Vm, VmError};
 
@@ -61,6 +67,8 @@ pub enum BuildError {
     Vcpu(#[from] regs::RegsError),
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
     #[error("creating an eventfd or thread: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -92,7 +100,8 @@ pub struct VmInfo {
     pub vcpus: u8,
     pub mem_mib: u64,
     pub cmdline: String,
-    pub entry: EntryMode,
+    /// How the kernel was entered (none for a restored VM).
+    pub entry: Option<EntryMode>,
 }
 
 /// Hands out virtio-mmio windows (4 KiB each from `VIRTIO_MMIO_START`) and interrupt lines
@@ -127,6 +136,30 @@ impl MmioAllocator {
 struct Legacy {
     pio: Bus,
     watch: Arc<ConsoleWatch>,
+    serial: Arc<Mutex<SerialDevice>>,
+}
+
+/// The devices whose state a snapshot keeps, beside their buses.
+#[derive(Clone)]
+pub(crate) struct DeviceHandles {
+    pub serial: Arc<Mutex<SerialDevice>>,
+    pub transports: Vec<Arc<Mutex<MmioTransport>>>,
+}
+
+impl std::fmt::Debug for DeviceHandles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceHandles")
+            .field("transports", &self.transports.len())
+            .finish()
+    }
+}
+
+/// Where guest memory and the vCPUs' starting point come from.
+enum Origin {
+    /// A cold boot of the config's kernel.
+    Boot,
+    /// A snapshot's memory and state.
+    Restore(Box<VmState>),
 }
 
 impl VmBuilder {
@@ -157,27 +190,84 @@ impl VmBuilder {
         let vcpu_count = self.validate()?;
         let vm = Vm::new()?;
         let mem = guest_memory(&vm, self.config.mem_mib)?;
+        self.assemble(vm, mem, vcpu_count, Origin::Boot)
+    }
+
+    /// Builds the VM of `snapshot` (taken from a VM of this builder's shape: the caller
+    /// loaded it for that shape) with its memory and state; nothing runs yet.
+    pub fn restore(self, snapshot: Snapshot) -> Result<Vmm, BuildError> {
+        let vcpu_count = self.validate()?;
+        let state = snapshot.state;
+        let devices: Vec<u32> = self
+            .devices
+            .iter()
+            .map(|d| lock(&d.device).device_type())
+            .collect();
+        let mib = self.config.mem_mib;
+        let fits = state.vcpus.len() == usize::from(vcpu_count)
+            && state.regions.iter().map(|r| r.size).sum::<u64>() == mib << 20
+            && state
+                .virtio
+                .iter()
+                .map(|m| m.device_type)
+                .eq(devices.iter().copied());
+        if !fits {
+            return Err(
+                SnapshotError::invalid(&snapshot.dir, "its VM differs from this one").into(),
+            );
+        }
+        let vm = Vm::new()?;
+        let mem = snapshot.memory.map()?;
+        vm.register_memory(&mem)?;
+        self.assemble(vm, mem, vcpu_count, Origin::Restore(Box::new(state)))
+    }
+
+    /// The steps after guest memory, shared by a boot and a restore.
+    fn assemble(
+        self,
+        vm: Vm,
+        mem: GuestMemory,
+        vcpu_count: u8,
+        origin: Origin,
+    ) -> Result<Vmm, BuildError> {
         vm.setup_irqchip()?;
         let exit = Arc::new(ExitNotifier::new()?);
         let mut events = EventLoop::new()?;
-        let legacy = legacy_devices(&vm, &exit, &self.config.console)?;
-        let (mmio, device_args) = virtio_devices(&vm, &mem, &mut events, self.devices)?;
-        let (kernel, cmdline) =
-            load_boot(&mem, &self.config, &self.profile, &device_args, vcpu_count)?;
+        let saved = match &origin {
+            Origin::Restore(state) => Some(&state.serial),
+            Origin::Boot => None,
+        };
+        let legacy = legacy_devices(&vm, &exit, &self.config.console, saved)?;
+        let (mmio, transports, device_args) = virtio_devices(&vm, &mem, &mut events, self.devices)?;
         let control = Arc::new(VcpuControl::new());
         let buses = (Arc::new(legacy.pio), Arc::new(mmio));
-        let mut vcpus = create_vcpus(&vm, &mem, &kernel, vcpu_count, buses, &exit, &control)?;
-        let mode = self.config.seccomp;
-        events.set_filter(seccomp::compile(ThreadKind::Devices, mode)?.map(Arc::new));
-        let vcpu_filter = seccomp::compile(ThreadKind::Vcpu, mode)?.map(Arc::new);
+        let msr_list: Arc<[u32]> = Arc::from(vm.msr_index_list()?);
+        let (mut vcpus, cmdline, mode) = match origin {
+            Origin::Boot => {
+                let (kernel, cmdline) =
+                    load_boot(&mem, &self.config, &self.profile, &device_args, vcpu_count)?;
+                let vcpus =
+                    create_vcpus(&vm, &mem, Some(&kernel), vcpu_count, buses, &exit, &control)?;
+                (vcpus, cmdline, Some(kernel.mode))
+            }
+            Origin::Restore(state) => {
+                let vcpus = create_vcpus(&vm, &mem, None, vcpu_count, buses, &exit, &control)?;
+                restore_state(&vm, &vcpus, &transports, &state)?;
+                (vcpus, state.cmdline.clone(), None)
+            }
+        };
+        let mode_filter = self.config.seccomp;
+        events.set_filter(seccomp::compile(ThreadKind::Devices, mode_filter)?.map(Arc::new));
+        let vcpu_filter = seccomp::compile(ThreadKind::Vcpu, mode_filter)?.map(Arc::new);
         for v in &mut vcpus {
             v.set_filter(vcpu_filter.clone());
+            v.set_msr_list(msr_list.clone());
         }
         let info = VmInfo {
             vcpus: vcpu_count,
             mem_mib: self.config.mem_mib,
             cmdline,
-            entry: kernel.mode,
+            entry: mode,
         };
         log::debug!("VM built: {info:?}");
         Ok(Vmm {
@@ -189,6 +279,10 @@ impl VmBuilder {
             watch: legacy.watch,
             control,
             info,
+            devices: DeviceHandles {
+                serial: legacy.serial,
+                transports,
+            },
         })
     }
 
@@ -247,29 +341,42 @@ fn legacy_devices(
     vm: &Vm,
     exit: &Arc<ExitNotifier>,
     console: &ConsoleOutput,
+    saved: Option<&crate::devices::serial::SerialState>,
 ) -> Result<Legacy, BuildError> {
     let watch = Arc::new(ConsoleWatch::default());
     let mut pio = Bus::new();
     let com1_irq = IrqLine::new(COM1_IRQ)?;
     vm.register_irq(&com1_irq)?;
-    let serial = SerialDevice::new(com1_irq, console_sink(console, watch.clone())?);
-    pio.insert(Arc::new(Mutex::new(serial)), COM1_BASE, COM1_LEN)?;
+    let sink = console_sink(console, watch.clone())?;
+    let serial = match saved {
+        Some(state) => {
+            SerialDevice::from_state(state, com1_irq, sink).map_err(SnapshotError::State)?
+        }
+        None => SerialDevice::new(com1_irq, sink),
+    };
+    let serial = Arc::new(Mutex::new(serial));
+    pio.insert(serial.clone(), COM1_BASE, COM1_LEN)?;
+    // The i8042 keeps no state: it only turns the reset command into the VM's end.
     let i8042 = I8042::new(exit.clone());
     pio.insert(Arc::new(Mutex::new(i8042)), I8042_BASE, I8042_LEN)?;
-    Ok(Legacy { pio, watch })
+    Ok(Legacy { pio, watch, serial })
 }
 
+/// The MMIO bus, its transports and the command-line declarations of their devices.
+type VirtioSet = (Bus, Vec<Arc<Mutex<MmioTransport>>>, Vec<MmioDeviceArg>);
+
 /// Step 4: every virtio device behind its MMIO transport, with its interrupt line, its
-/// queue-notify ioeventfds and its event-loop subscription. Returns the MMIO bus and what
-/// the kernel command line must declare.
+/// queue-notify ioeventfds and its event-loop subscription. Returns the MMIO bus, the
+/// transports and what the kernel command line must declare.
 fn virtio_devices(
     vm: &Vm,
     mem: &GuestMemory,
     events: &mut EventLoop,
     devices: Vec<PendingDevice>,
-) -> Result<(Bus, Vec<MmioDeviceArg>), BuildError> {
+) -> Result<VirtioSet, BuildError> {
     let mut alloc = MmioAllocator::default();
     let mut mmio = Bus::new();
+    let mut transports = Vec::with_capacity(devices.len());
     let mut args = Vec::with_capacity(devices.len());
     for d in devices {
         let slot = alloc.allocate()?;
@@ -281,11 +388,13 @@ fn virtio_devices(
         for (q, evt) in transport.queue_notify_eventfds().iter().enumerate() {
             vm.register_mmio_notify(evt, notify, q as u32)?;
         }
-        mmio.insert(Arc::new(Mutex::new(transport)), slot.base, slot.size)?;
+        let transport = Arc::new(Mutex::new(transport));
+        mmio.insert(transport.clone(), slot.base, slot.size)?;
+        transports.push(transport);
         events.add(d.subscriber);
         args.push(slot);
     }
-    Ok((mmio, args))
+    Ok((mmio, transports, args))
 }
 
 /// Step 5: kernel, initramfs, command line, boot parameters and MP table in guest memory.
@@ -311,11 +420,12 @@ fn load_boot(
     Ok((kernel, text))
 }
 
-/// Step 6: the vCPUs, with per-vCPU CPUID and the registers of the kernel's entry mode.
+/// Step 6: the vCPUs; for a boot, with per-vCPU CPUID and the registers of the kernel's
+/// entry mode (a restore sets their state afterwards).
 fn create_vcpus(
     vm: &Vm,
     mem: &GuestMemory,
-    kernel: &LoadedKernel,
+    kernel: Option<&LoadedKernel>,
     count: u8,
     (pio, mmio): (Arc<Bus>, Arc<Bus>),
     exit: &Arc<ExitNotifier>,
@@ -326,9 +436,11 @@ fn create_vcpus(
     let mut vcpus = Vec::with_capacity(count.into());
     for index in 0..count {
         let fd = vm.create_vcpu(index)?;
-        let mut cpuid = cpuid.clone();
-        regs::patch_cpuid(&mut cpuid, index, count);
-        regs::configure_vcpu(&fd, index, mem, kernel.mode, kernel.entry.0, &cpuid)?;
+        if let Some(kernel) = kernel {
+            let mut cpuid = cpuid.clone();
+            regs::patch_cpuid(&mut cpuid, index, count);
+            regs::configure_vcpu(&fd, index, mem, kernel.mode, kernel.entry.0, &cpuid)?;
+        }
         vcpus.push(Vcpu::new(
             index,
             fd,
@@ -340,6 +452,24 @@ fn create_vcpus(
         ));
     }
     Ok(vcpus)
+}
+
+/// A restore's last step: KVM's VM state, each vCPU's, then the devices' (which may
+/// interrupt the guest, so they come after the irqchip's state).
+fn restore_state(
+    vm: &Vm,
+    vcpus: &[Vcpu],
+    transports: &[Arc<Mutex<MmioTransport>>],
+    state: &VmState,
+) -> Result<(), BuildError> {
+    state.kvm.restore(vm.fd())?;
+    for (v, s) in vcpus.iter().zip(&state.vcpus) {
+        v.restore_state(s)?;
+    }
+    for (t, s) in transports.iter().zip(&state.virtio) {
+        lock(t).restore_state(s)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

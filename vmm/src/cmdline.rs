@@ -14,8 +14,18 @@ use crate::memory::layout::CMDLINE_MAX_SIZE;
 ///   i8042 reset line; the VMM treats it as the VM's end.
 /// - `panic=-1`: a panic reboots at once; the VMM tells it apart by the console's panic line.
 /// - `quiet`: every console byte is a VM exit.
+/// - `clocksource=kvm-clock`: the guest's clock is KVM's, which a restored VM sets back to
+///   where the snapshot stopped it (`KVM_SET_CLOCK`). The kernel would otherwise move on
+///   to the TSC, whose value some hosts cannot restore, and a restored guest's monotonic
+///   clock would jump by the time the snapshot lay on disk.
 /// - `i8042.noaux`-style probing is not needed: the kernel has no i8042 driver.
-pub const BASE_ARGS: &[&str] = &["console=ttyS0", "reboot=k", "panic=-1", "quiet"];
+pub const BASE_ARGS: &[&str] = &[
+    "console=ttyS0",
+    "reboot=k",
+    "panic=-1",
+    "quiet",
+    "clocksource=kvm-clock",
+];
 
 /// A virtio-mmio device as the kernel's command line describes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,12 +111,14 @@ mod tests {
         .unwrap();
         assert_eq!(
             text(&c),
-            "console=ttyS0 reboot=k panic=-1 quiet virtio_mmio.device=4K@0xd0000000:5 init=/bin/sh"
+            "console=ttyS0 reboot=k panic=-1 quiet clocksource=kvm-clock virtio_mmio.device=4K@0xd0000000:5 init=/bin/sh"
         );
         let sw = HostProfile::for_kind(HostKind::SoftwareKvm);
         let t = text(&build(&sw, &[], "").unwrap());
         assert!(
-            t.starts_with("console=ttyS0 reboot=k panic=-1 quiet clearcpuid="),
+            t.starts_with(
+                "console=ttyS0 reboot=k panic=-1 quiet clocksource=kvm-clock clearcpuid="
+            ),
             "{t}"
         );
         assert!(t.contains(" noreplace-smp "), "{t}");

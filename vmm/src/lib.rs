@@ -18,6 +18,7 @@ pub mod host_profile;
 pub mod memory;
 pub mod running;
 pub mod seccomp;
+pub mod snapshot;
 pub mod unix_path;
 pub mod vcpu;
 pub mod vm;

@@ -1,15 +1,19 @@
 //! A built VM and its life: `Vmm::start` spawns the event loop and one thread per vCPU;
-//! `VmHandle` stops, pauses and resumes it from any thread; `RunningVm::wait` blocks until
-//! it ends, joins every thread and says why it ended.
+//! `VmHandle` stops, pauses and resumes it from any thread; `RunningVm::snapshot` saves
+//! it; `RunningVm::wait` blocks until it ends, joins every thread and says why it ended.
 
-use std::sync::Arc;
+use std::path::Path;
+use std::sync::{Arc, MutexGuard};
 use std::time::Duration;
 
-use crate::builder::{BuildError, VmInfo};
+use crate::builder::{BuildError, DeviceHandles, VmInfo};
+use crate::bus::lock;
 use crate::devices::serial::ConsoleWatch;
+use crate::devices::virtio::VirtioDevice;
 use crate::event_loop::{EventLoop, EventLoopThread};
 use crate::exit::{ExitNotifier, VmExit};
 use crate::memory::GuestMemory;
+use crate::snapshot::{self, Shape, SnapshotError, VmKvmState, VmState};
 use crate::vcpu::{RunState, Vcpu, VcpuControl, VcpuThread};
 use crate::vm::Vm;
 
@@ -23,6 +27,7 @@ pub struct Vmm {
     pub(crate) watch: Arc<ConsoleWatch>,
     pub(crate) control: Arc<VcpuControl>,
     pub(crate) info: VmInfo,
+    pub(crate) devices: DeviceHandles,
 }
 
 impl std::fmt::Debug for Vmm {
@@ -39,18 +44,25 @@ impl Vmm {
         &self.info
     }
 
+    /// The watch on the guest console (to wait for a line).
+    pub fn console_watch(&self) -> Arc<ConsoleWatch> {
+        self.watch.clone()
+    }
+
     /// Starts the event loop and the vCPUs. If a vCPU thread cannot start, the VM is
     /// stopped and its threads joined before the error returns.
     pub fn start(self) -> Result<RunningVm, BuildError> {
         let events = self.events.spawn(self.exit.clone())?;
         let mut running = RunningVm {
-            _vm: self.vm,
-            _mem: self.mem,
+            vm: self.vm,
+            mem: self.mem,
             threads: Vec::with_capacity(self.vcpus.len()),
             events: Some(events),
             exit: self.exit,
             watch: self.watch,
             control: self.control,
+            devices: self.devices,
+            info: self.info,
         };
         for v in self.vcpus {
             match v.spawn() {
@@ -98,13 +110,15 @@ impl VmHandle {
 /// A running VM.
 #[derive(Debug)]
 pub struct RunningVm {
-    _vm: Vm,
-    _mem: GuestMemory,
+    vm: Vm,
+    mem: GuestMemory,
     threads: Vec<VcpuThread>,
     events: Option<EventLoopThread>,
     exit: Arc<ExitNotifier>,
     watch: Arc<ConsoleWatch>,
     control: Arc<VcpuControl>,
+    devices: DeviceHandles,
+    info: VmInfo,
 }
 
 impl RunningVm {
@@ -124,6 +138,40 @@ impl RunningVm {
     /// A descriptor that becomes readable when the VM ends (for `poll` with other fds).
     pub fn exit_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         std::os::fd::AsFd::as_fd(&*self.exit)
+    }
+
+    /// Saves the VM, as a VM of `shape`, into `dir` (an empty directory): it pauses the
+    /// vCPUs, which stay paused afterwards (resume or stop it then). While the state is
+    /// read and memory is written, every virtio device is held, so no device moves its
+    /// queues or writes guest memory in between.
+    pub fn snapshot(&self, dir: &Path, shape: &Shape) -> Result<(), SnapshotError> {
+        if self.exit.peek().is_some() {
+            return Err(SnapshotError::State("the VM has ended".into()));
+        }
+        let vcpus = self
+            .control
+            .save_states(self.threads.len())
+            .map_err(SnapshotError::State)?;
+        let kvm = VmKvmState::save(self.vm.fd())?;
+        let transports: Vec<_> = self.devices.transports.iter().map(|t| lock(t)).collect();
+        let models: Vec<_> = transports.iter().map(|t| t.device()).collect();
+        let held: Vec<MutexGuard<'_, dyn VirtioDevice>> = models.iter().map(|d| lock(d)).collect();
+        let virtio = transports
+            .iter()
+            .zip(&held)
+            .map(|(t, d)| t.save_state(&**d))
+            .collect();
+        let state = VmState {
+            shape: shape.clone(),
+            memory_id: String::new(),
+            regions: Vec::new(),
+            cmdline: self.info.cmdline.clone(),
+            kvm,
+            vcpus,
+            serial: lock(&self.devices.serial).state(),
+            virtio,
+        };
+        snapshot::save(dir, state, &self.mem)
     }
 
     /// Waits until the VM ends, stops every thread and returns why it ended.

@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 
 /// Longest path `bind`/`connect` take (the NUL terminator needs the last byte).
 pub const MAX_SUN_PATH: usize = 107;
+/// Longest suffix a [`SocketPath::sibling`] adds (`_` and a 32-bit port number).
+const MAX_SIBLING_SUFFIX: usize = 11;
 
 /// A socket path usable with `bind`/`connect` in this process, however long the real
 /// path. Keep it alive as long as the path is used: it owns the directory descriptor.
@@ -24,9 +26,10 @@ pub struct SocketPath {
 }
 
 impl SocketPath {
-    /// Prepares `path`; the directory must exist when the path is too long.
+    /// Prepares `path`; the directory must exist when the path is too long (for itself
+    /// or for its siblings).
     pub fn new(path: &Path) -> std::io::Result<Self> {
-        if path.as_os_str().as_bytes().len() <= MAX_SUN_PATH {
+        if path.as_os_str().as_bytes().len() + MAX_SIBLING_SUFFIX <= MAX_SUN_PATH {
             return Ok(SocketPath {
                 real: path.to_path_buf(),
                 usable: path.to_path_buf(),
@@ -47,7 +50,7 @@ impl SocketPath {
             .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
             .open(dir)?;
         let usable = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name);
-        if usable.as_os_str().as_bytes().len() > MAX_SUN_PATH {
+        if usable.as_os_str().as_bytes().len() + MAX_SIBLING_SUFFIX > MAX_SUN_PATH {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 format!("socket name in {} is too long", path.display()),
@@ -140,6 +143,29 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600, "a bound socket is private");
         assert!(dir.join("b.sock").exists());
         drop((l, s, b));
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn a_path_that_fits_but_whose_siblings_do_not_is_reached_through_its_directory() {
+        let base = std::env::temp_dir().join(format!("runvm-sibling-{}", std::process::id()));
+        let mut dir = base.clone();
+        let name = "v.sock";
+        let fill = MAX_SUN_PATH - 3 - base.as_os_str().len() - 1 - name.len();
+        dir.push("s".repeat(fill));
+        std::fs::create_dir_all(&dir).unwrap();
+        let real = dir.join(name);
+        assert!(real.as_os_str().len() <= MAX_SUN_PATH);
+        let p = SocketPath::new(&real).unwrap();
+        let sibling = p.sibling("_4294967295");
+        assert!(
+            sibling.as_os_str().len() <= MAX_SUN_PATH,
+            "{}",
+            sibling.display()
+        );
+        let l = UnixListener::bind(&sibling).unwrap();
+        assert!(dir.join("v.sock_4294967295").exists());
+        drop(l);
         std::fs::remove_dir_all(&base).unwrap();
     }
 }

@@ -6,6 +6,11 @@
 //! own `kvm_run`. A vCPU inside `KVM_RUN` returns at once (EINTR); one that is between its
 //! state check and `KVM_RUN` enters it with `immediate_exit` set and returns at once too,
 //! so one kick always suffices: no re-kick timer, no spinning.
+//!
+//! Saving state (for a snapshot): while the vCPUs are paused, `VcpuControl::save_states`
+//! asks each parked thread for its state; the thread first re-enters `KVM_RUN` with
+//! `immediate_exit` set, which completes an I/O exit it had handled (KVM finishes the
+//! instruction) without running the guest, then reads its state through KVM.
 
 use std::cell::Cell;
 use std::panic::AssertUnwindSafe;
@@ -23,6 +28,7 @@ use crate::event_loop::panic_message;
 use crate::exit::{ExitNotifier, VmExit};
 use crate::memory::GuestMemory;
 use crate::seccomp::{self, ThreadKind};
+use crate::snapshot::VcpuState;
 use seccompiler::BpfProgram;
 
 /// Offset from SIGRTMIN of the signal that interrupts `KVM_RUN`.
@@ -54,6 +60,8 @@ struct ControlInner {
     state: RunState,
     parked: usize,
     threads: Vec<Pthread>,
+    /// Saved states by vCPU index while a save is asked for (see `save_states`).
+    save: Option<Vec<Option<Result<VcpuState, String>>>>,
 }
 
 impl VcpuControl {
@@ -64,6 +72,7 @@ impl VcpuControl {
                 state: RunState::Running,
                 parked: 0,
                 threads: Vec::new(),
+                save: None,
             }),
             changed: Condvar::new(),
         }
@@ -93,6 +102,35 @@ impl VcpuControl {
         }
     }
 
+    /// Pauses the vCPUs and has each of the `count` of them save its state; returns the
+    /// states in vCPU order, or why one could not be saved (a vCPU that ended, an ioctl
+    /// that failed). The vCPUs stay paused.
+    pub fn save_states(&self, count: usize) -> Result<Vec<VcpuState>, String> {
+        self.pause();
+        let mut s = lock(&self.inner);
+        if s.state != RunState::Paused || s.threads.len() != count {
+            return Err("the vCPUs are not all running".into());
+        }
+        s.save = Some((0..count).map(|_| None).collect());
+        self.changed.notify_all();
+        loop {
+            let done = s
+                .save
+                .as_ref()
+                .is_some_and(|v| v.iter().all(Option::is_some));
+            if done || s.state != RunState::Paused || s.threads.len() != count {
+                break;
+            }
+            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        let saved = s.save.take().unwrap_or_default();
+        saved
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| r.unwrap_or_else(|| Err(format!("vCPU {i} ended"))))
+            .collect()
+    }
+
     fn kick(s: &ControlInner) {
         let kick = SIGRTMIN() + KICK_SIGNAL_OFFSET;
         for &t in &s.threads {
@@ -118,13 +156,28 @@ impl VcpuControl {
         self.changed.notify_all();
     }
 
-    /// Called by a vCPU thread between runs: parks while paused; returns false to stop.
-    fn checkpoint(&self) -> bool {
+    /// Called by vCPU `index` between runs: parks while paused, saving its state with
+    /// `save` when asked to; returns false to stop.
+    fn checkpoint(&self, index: u8, mut save: impl FnMut() -> Result<VcpuState, String>) -> bool {
         let mut s = lock(&self.inner);
         if s.state == RunState::Paused {
             s.parked += 1;
             self.changed.notify_all();
             while s.state == RunState::Paused {
+                let asked = s
+                    .save
+                    .as_ref()
+                    .and_then(|v| v.get(usize::from(index)))
+                    .is_some_and(Option::is_none);
+                if asked {
+                    let state = save();
+                    if let Some(slot) = s.save.as_mut().and_then(|v| v.get_mut(usize::from(index)))
+                    {
+                        *slot = Some(state);
+                    }
+                    self.changed.notify_all();
+                    continue;
+                }
                 s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
             }
             s.parked -= 1;
@@ -170,6 +223,18 @@ pub struct Vcpu {
     mem: GuestMemory,
     control: Arc<VcpuControl>,
     filter: Option<Arc<BpfProgram>>,
+    /// The MSRs KVM lists, for saving state.
+    msr_list: Arc<[u32]>,
+}
+
+/// What one `KVM_RUN` came to.
+enum RunOutcome {
+    /// An exit was handled; run again.
+    Handled,
+    /// A kick interrupted it (or `immediate_exit` was set): nothing ran.
+    Interrupted,
+    /// The VM ends.
+    Ended(VmExit),
 }
 
 impl std::fmt::Debug for Vcpu {
@@ -221,7 +286,37 @@ impl Vcpu {
             mem,
             control,
             filter: None,
+            msr_list: Arc::from(Vec::new()),
         }
+    }
+
+    /// Puts a new vCPU into a saved state (before its thread starts).
+    pub fn restore_state(&self, state: &VcpuState) -> Result<(), crate::snapshot::SnapshotError> {
+        state.restore(&self.fd)
+    }
+
+    /// The MSRs to save in a snapshot (KVM's index list).
+    pub fn set_msr_list(&mut self, list: Arc<[u32]>) {
+        self.msr_list = list;
+    }
+
+    /// Completes an I/O exit already handled (KVM finishes the instruction when it is
+    /// entered again; `immediate_exit` keeps the guest from running), then reads the
+    /// vCPU's state.
+    fn save_state(&mut self) -> Result<VcpuState, String> {
+        loop {
+            self.fd.set_kvm_immediate_exit(1);
+            match self.run_once() {
+                RunOutcome::Interrupted => break,
+                RunOutcome::Handled => continue,
+                RunOutcome::Ended(exit) => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    return Err(format!("the vCPU ended while saving: {exit}"));
+                }
+            }
+        }
+        self.fd.set_kvm_immediate_exit(0);
+        VcpuState::save(&self.fd, self.index, &self.msr_list).map_err(|e| e.to_string())
     }
 
     /// The seccomp filter its thread installs before it first enters the guest.
@@ -251,11 +346,12 @@ impl Vcpu {
             }
         }
         self.control.register_current();
-        while self.control.checkpoint() {
+        let control = self.control.clone();
+        while control.checkpoint(self.index, || self.save_state()) {
             // A device model that panics on this thread must end the VM, not only the vCPU.
             let exit = match std::panic::catch_unwind(AssertUnwindSafe(|| self.run_once())) {
-                Ok(None) => continue,
-                Ok(Some(exit)) => exit,
+                Ok(RunOutcome::Handled | RunOutcome::Interrupted) => continue,
+                Ok(RunOutcome::Ended(exit)) => exit,
                 Err(panic) => VmExit::VcpuError {
                     vcpu: self.index,
                     message: format!("a device panicked: {}", panic_message(&*panic)),
@@ -269,10 +365,10 @@ impl Vcpu {
         KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
     }
 
-    /// One `KVM_RUN`; returns the VM's end when this exit is one.
-    fn run_once(&mut self) -> Option<VmExit> {
+    /// One `KVM_RUN` and the exit it came to.
+    fn run_once(&mut self) -> RunOutcome {
         let index = self.index;
-        match self.fd.run() {
+        let ended = match self.fd.run() {
             Ok(exit) => match exit {
                 VcpuExit::IoIn(port, data) => {
                     if !self.pio.read(port.into(), data) {
@@ -330,12 +426,16 @@ impl Vcpu {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 // A kick: take it, then the caller checks the requested state.
                 self.fd.set_kvm_immediate_exit(0);
-                None
+                return RunOutcome::Interrupted;
             }
             Err(e) => Some(VmExit::VcpuError {
                 vcpu: index,
                 message: format!("KVM_RUN: {e}"),
             }),
+        };
+        match ended {
+            Some(exit) => RunOutcome::Ended(exit),
+            None => RunOutcome::Handled,
         }
     }
 
@@ -384,7 +484,7 @@ mod tests {
             while c2.state() == RunState::Running {
                 std::thread::yield_now();
             }
-            let go_on = c2.checkpoint();
+            let go_on = c2.checkpoint(0, || Err("not asked".into()));
             c2.unregister_current();
             go_on
         });
@@ -401,7 +501,7 @@ mod tests {
         // With no vCPU left, a pause does not wait.
         c.pause();
         c.set(RunState::Stopping);
-        assert!(!c.checkpoint());
+        assert!(!c.checkpoint(0, || Err("not asked".into())));
         c.set(RunState::Running);
         assert_eq!(c.state(), RunState::Stopping, "stopping is final");
     }

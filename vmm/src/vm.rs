@@ -138,6 +138,19 @@ impl Vm {
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))
     }
 
+    /// The VM's descriptor (for saving and restoring KVM's state of it).
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    /// Every MSR KVM can save and restore for a vCPU.
+    pub fn msr_index_list(&self) -> Result<Vec<u32>, VmError> {
+        self.kvm
+            .get_msr_index_list()
+            .map(|l| l.as_slice().to_vec())
+            .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))
+    }
+
     /// Creates vCPU `id`.
     pub fn create_vcpu(&self, id: u8) -> Result<VcpuFd, VmError> {
         self.fd

@@ -1,11 +1,20 @@
 //! `runvm boot`: boots a kernel (and optional initramfs) with the console on stdout and
-//! exits 0 when the guest ends cleanly, non-zero with one line saying why otherwise.
+//! exits 0 when the guest ends cleanly, non-zero with one line saying why otherwise. With
+//! `--snapshot-on LINE --snapshot DIR` it saves the VM once the console shows LINE and
+//! ends it; with `--restore DIR` it resumes such a VM instead of booting.
+
+use std::os::unix::fs::DirBuilderExt;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 
 use crate::cli::{BootArgs, Cli};
 use runtime_cli::assets;
+use vmm::snapshot::Shape;
 use vmm::{ConsoleOutput, HostProfile, VmBuilder, VmConfig};
+
+/// How long the console may take to show the line a snapshot waits for.
+const SNAPSHOT_LINE_TIMEOUT: Duration = Duration::from_secs(600);
 
 pub fn run(cli: &Cli, args: &BootArgs) -> anyhow::Result<()> {
     let kernel = assets::kernel(cli.globals.kernel.as_deref())?;
@@ -22,9 +31,34 @@ pub fn run(cli: &Cli, args: &BootArgs) -> anyhow::Result<()> {
     };
     let profile = HostProfile::detect();
     log::debug!("host: {}", profile.describe());
-    let vmm = VmBuilder::new(config, profile).build()?;
-    log::debug!("booting: {:?}", vmm.info());
-    let exit = vmm.start().context("starting the VM")?.wait();
+    let shape = Shape::of(&config, &profile, &[]).context("reading the kernel")?;
+    let builder = VmBuilder::new(config, profile);
+    let vmm = match &args.restore {
+        Some(dir) => builder.restore(vmm::snapshot::load(dir, &shape)?)?,
+        None => builder.build()?,
+    };
+    log::debug!("starting: {:?}", vmm.info());
+    let watch = vmm.console_watch();
+    if let Some(line) = &args.snapshot_on {
+        watch.watch_for(line);
+    }
+    let vm = vmm.start().context("starting the VM")?;
+    if let (Some(line), Some(dir)) = (&args.snapshot_on, &args.snapshot) {
+        if !watch.wait_marker(SNAPSHOT_LINE_TIMEOUT) {
+            vm.handle().stop();
+            bail!("the console never showed {line:?}: {}", vm.wait());
+        }
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+        let saved = vm.snapshot(dir, &shape);
+        vm.handle().stop();
+        vm.wait();
+        saved?;
+        return Ok(());
+    }
+    let exit = vm.wait();
     if !exit.is_clean() {
         bail!("{exit}");
     }

@@ -14,6 +14,7 @@ pub mod run;
 pub mod spec;
 pub mod start;
 pub mod state;
+pub mod template;
 pub mod update;
 pub mod vm_run;
 pub mod vmm_serve;

@@ -124,6 +124,31 @@ pub fn check(g: &Globals, o: &CreateOptions, own_tty: bool) -> Result<Checked, L
     })
 }
 
+/// With templates on and none for this container's VM shape, starts making one in the
+/// background (this container's VM boots meanwhile); nothing when one is being made.
+pub(super) fn template_later(g: &Globals, c: &Checked) {
+    let Some(dir) = g.templates_for(&c.plan) else {
+        return;
+    };
+    let config = c.plan.vm_config(&c.assets, vmm::ConsoleOutput::Sink);
+    let Ok(shape) = crate::sandbox::shape(&config, &vmm::HostProfile::detect(), true) else {
+        return;
+    };
+    let store = crate::template::TemplateStore::new(dir);
+    if store.has(&shape) {
+        return;
+    }
+    match store.ensure().and_then(|()| store.try_lock_builds()) {
+        Ok(Some(lock)) => {
+            log::debug!("making template {} in the background", shape.key());
+            let flags = g.template_builder_args(&c.assets);
+            crate::template::build::spawn_background(&store, flags, &config, lock);
+        }
+        Ok(None) => {}
+        Err(e) => log::warn!("templates: {e}"),
+    }
+}
+
 /// Checks a network namespace path (one that is none fails here, before anything
 /// exists). The runtime's own namespace (the host's, say) is no namespace of the
 /// container's: joining it changes nothing, and its interfaces are never taken over.
@@ -145,6 +170,7 @@ fn own_network_is_none(plan: &mut Plan, id: &str) -> Result<(), LifecycleError> 
 /// Creates the container: returns once its VM runs and its process waits for `start`.
 pub fn create(g: &Globals, o: &CreateOptions) -> Result<(), LifecycleError> {
     let c = check(g, o, false)?;
+    template_later(g, &c);
     c.dir.create()?;
     let result = create_checked(g, o, &c);
     if result.is_err() {
@@ -338,6 +364,7 @@ pub(super) fn supervisor_config(
     own_tty: bool,
     auto_start: bool,
 ) -> SupervisorConfig {
+    let templates = g.templates_for(&c.plan);
     SupervisorConfig {
         state: c.dir,
         plan: c.plan,
@@ -350,6 +377,7 @@ pub(super) fn supervisor_config(
         // A detached VMM runs no hooks; in the foreground this process runs them after
         // the VM is up, with root's privileges.
         shed_privileges: !auto_start,
+        templates,
     }
 }
 

@@ -52,6 +52,26 @@ pub struct Globals {
     /// kernel log) the calls outside their lists; `off` is for debugging only.
     #[arg(long, global = true, value_enum, default_value = "enforce")]
     pub seccomp: SeccompFlag,
+    /// Start containers' VMs from templates (snapshots of booted VMs of their shape),
+    /// making a missing one in the background; `off` boots every VM.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "on",
+        env = "RUNVM_TEMPLATES"
+    )]
+    pub templates: TemplatesFlag,
+    /// Where templates live (default: <root>/templates).
+    #[arg(long, global = true, env = "RUNVM_TEMPLATE_DIR")]
+    pub template_dir: Option<PathBuf>,
+}
+
+/// `--templates`' values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TemplatesFlag {
+    On,
+    Off,
 }
 
 /// `--seccomp`'s values.
@@ -63,6 +83,15 @@ pub enum SeccompFlag {
 }
 
 impl SeccompFlag {
+    /// The flag's value on a command line.
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            SeccompFlag::Enforce => "enforce",
+            SeccompFlag::Log => "log",
+            SeccompFlag::Off => "off",
+        }
+    }
+
     /// The VMM's mode.
     pub fn mode(self) -> vmm::seccomp::SeccompMode {
         match self {
@@ -74,9 +103,44 @@ impl SeccompFlag {
 }
 
 impl Globals {
+    /// The template store.
+    pub fn template_store(&self) -> crate::template::TemplateStore {
+        crate::template::TemplateStore::new(
+            self.template_dir
+                .clone()
+                .unwrap_or_else(|| self.root.join("templates")),
+        )
+    }
+
+    /// The template store a container of `plan` may restore from, when templates are on
+    /// for it.
+    pub fn templates_for(&self, plan: &crate::translate::Plan) -> Option<PathBuf> {
+        (self.templates == TemplatesFlag::On && plan.template)
+            .then(|| self.template_store().dir().to_path_buf())
+    }
+
+    /// The flags of a `runvm template create` for a container with `assets`: the assets
+    /// and the seccomp mode, nothing of the container (not its root or log).
+    pub fn template_builder_args(&self, assets: &crate::assets::Assets) -> Vec<std::ffi::OsString> {
+        let mut v: Vec<std::ffi::OsString> = vec!["--kernel".into()];
+        v.push(assets.kernel.clone().into());
+        v.push("--initrd".into());
+        v.push(assets.initrd.clone().into());
+        v.push("--seccomp".into());
+        v.push(self.seccomp.as_arg().into());
+        v
+    }
+
     /// The flags again, for a runvm process started on this one's behalf (the VMM).
-    fn to_args(&self) -> Vec<std::ffi::OsString> {
+    pub(crate) fn to_args(&self) -> Vec<std::ffi::OsString> {
         let mut v: Vec<std::ffi::OsString> = vec!["--root".into(), self.root.clone().into()];
+        v.push("--templates".into());
+        v.push(match self.templates {
+            TemplatesFlag::On => "on".into(),
+            TemplatesFlag::Off => "off".into(),
+        });
+        v.push("--template-dir".into());
+        v.push(self.template_store().dir().as_os_str().to_owned());
         for (flag, path) in [
             ("--kernel", &self.kernel),
             ("--initrd", &self.initrd),
@@ -88,11 +152,7 @@ impl Globals {
             }
         }
         v.push("--seccomp".into());
-        v.push(match self.seccomp {
-            SeccompFlag::Enforce => "enforce".into(),
-            SeccompFlag::Log => "log".into(),
-            SeccompFlag::Off => "off".into(),
-        });
+        v.push(self.seccomp.as_arg().into());
         v.push("--log-format".into());
         v.push(match self.log_format {
             LogFormat::Text => "text".into(),

@@ -31,6 +31,7 @@ pub fn run_foreground(g: &Globals, o: &CreateOptions, keep: bool) -> Result<i32,
     // In the foreground a terminal can be the caller's own.
     let own_tty = o.console_socket.is_none() && std::io::stdin().is_terminal();
     let c = check(g, o, own_tty)?;
+    super::create::template_later(g, &c);
     c.dir.create()?;
     let dir = c.dir.clone();
     let cgroup = c.plan.cgroups_path.clone();

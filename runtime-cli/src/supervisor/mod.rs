@@ -28,7 +28,7 @@ use crate::agent_client::{AgentClient, ClientError, Control};
 use crate::assets::Assets;
 use crate::ready::ReadyWriter;
 use crate::relay::{self, HostIo, Relay};
-use crate::sandbox::{Sandbox, SandboxError};
+use crate::sandbox::{Launch, Sandbox, SandboxError};
 use crate::state::{files, StateDir};
 use crate::translate::Plan;
 use crate::util::lock;
@@ -63,6 +63,8 @@ pub struct SupervisorConfig {
     /// Once set up, keep only what the VMM needs: a minimal root (`jail`), the
     /// capabilities of `privileges`, and the supervisor's seccomp filter.
     pub shed_privileges: bool,
+    /// The template store to restore the VM from (none: boot).
+    pub templates: Option<PathBuf>,
 }
 
 /// Why the container could not be prepared.
@@ -217,6 +219,8 @@ pub fn prepare(cfg: &SupervisorConfig) -> Result<Prepared, SupervisorError> {
     let mut vm_config = plan.vm_config(&cfg.assets, console);
     vm_config.seccomp = cfg.seccomp;
     let profile = vmm::HostProfile::detect();
+    // Opened before the jail: the VM maps the template's memory file later.
+    let template = find_template(cfg, &vm_config, &profile);
     // Nothing from here on needs more of root; no thread exists yet, so all inherit this.
     if cfg.shed_privileges {
         let mut files = vec![vm_config.kernel.as_path()];
@@ -245,17 +249,22 @@ pub fn prepare(cfg: &SupervisorConfig) -> Result<Prepared, SupervisorError> {
 
     let vsock = cfg.state.file(files::VSOCK);
     let s = shared.clone();
-    let sandbox = Sandbox::boot_with_share(
-        vm_config,
+    let launch = Launch {
+        config: vm_config,
         profile,
-        &vsock,
-        Some(&share_dir),
-        READY_TIMEOUT,
-        move |vm| s.stopper.attach(vm),
-    )?;
+        vsock: &vsock,
+        share: Some(&share_dir),
+        ready_timeout: READY_TIMEOUT,
+        template,
+    };
+    let sandbox = Sandbox::launch(launch, move |vm| s.stopper.attach(vm))?;
     let _ = shared.client.set(sandbox.client().clone());
     let _ = shared.net.set(sandbox.net());
-    match create_init(cfg, sandbox.client(), tty.as_ref()) {
+    let prepared = sandbox
+        .adopt(hostname, AGENT_CALL_TIMEOUT)
+        .map_err(SupervisorError::from)
+        .and_then(|()| create_init(cfg, sandbox.client(), tty.as_ref()));
+    match prepared {
         Ok((control, relay)) => Ok(Prepared {
             sandbox,
             control,
@@ -269,6 +278,36 @@ pub fn prepare(cfg: &SupervisorConfig) -> Result<Prepared, SupervisorError> {
                 t.restore();
             }
             Err(e)
+        }
+    }
+}
+
+/// The template of this container's VM shape, when templates are on and a usable one
+/// exists. A refused one is logged: the VM boots instead.
+fn find_template(
+    cfg: &SupervisorConfig,
+    config: &vmm::VmConfig,
+    profile: &vmm::HostProfile,
+) -> Option<vmm::snapshot::Snapshot> {
+    let store = crate::template::TemplateStore::new(cfg.templates.as_ref()?);
+    let found = crate::sandbox::shape(config, profile, true)
+        .map_err(|e| e.to_string())
+        .and_then(|shape| store.load(&shape).map_err(|e| e.to_string()));
+    match found {
+        Ok(Some(t)) => Some(t),
+        Ok(None) => {
+            log::info!(
+                "container {}: no template of its VM's shape yet",
+                cfg.state.id
+            );
+            None
+        }
+        Err(e) => {
+            log::warn!(
+                "container {}: template refused ({e}): booting instead",
+                cfg.state.id
+            );
+            None
         }
     }
 }

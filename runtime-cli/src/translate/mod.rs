@@ -72,6 +72,27 @@ pub struct Plan {
     pub memory_limit: Option<i64>,
     /// The namespaces the VMM process takes (see [`VmmNamespaces`]).
     pub namespaces: VmmNamespaces,
+    /// Whether the VM may come from a template (annotation [`TEMPLATE_ANNOTATION`]).
+    pub template: bool,
+}
+
+/// The annotation that keeps a container off templates (`"false"`; `"true"` is the
+/// default).
+pub const TEMPLATE_ANNOTATION: &str = "run.oci.runvm.template";
+
+fn template_allowed(bundle: &Bundle) -> Result<bool, TranslateError> {
+    let value = bundle
+        .spec
+        .annotations()
+        .as_ref()
+        .and_then(|a| a.get(TEMPLATE_ANNOTATION).cloned());
+    match value.as_deref() {
+        None | Some("true") => Ok(true),
+        Some("false") => Ok(false),
+        Some(other) => Err(TranslateError::Invalid(format!(
+            "annotation {TEMPLATE_ANNOTATION}={other:?}: \"true\" or \"false\" expected"
+        ))),
+    }
 }
 
 fn is_bind(kind: &str, options: &[String]) -> bool {
@@ -363,6 +384,7 @@ pub fn plan(bundle: &Bundle, id: &str, no_pivot: bool) -> Result<Plan, Translate
             .as_ref()
             .and_then(|r| r.memory().as_ref().and_then(|m| m.limit())),
         namespaces: isolation::vmm_namespaces(&linux),
+        template: template_allowed(bundle)?,
     })
 }
 

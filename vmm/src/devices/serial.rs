@@ -4,9 +4,11 @@
 //! way a firmware-less guest tells the VMM about either.
 
 use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
-use vm_superio::serial::NoEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState as UartState};
 use vm_superio::Serial;
 
 use crate::bus::BusDevice;
@@ -23,16 +25,20 @@ const PANIC_MARKER: &str = "Kernel panic - not syncing";
 const POWER_OFF_MARKER: &str = "reboot: Power down";
 const MAX_LINE: usize = 512;
 
-/// What the console has shown about the guest's fate.
+/// What the console has shown about the guest's fate, and whether a line a caller
+/// waits for came.
 #[derive(Debug, Default)]
 pub struct ConsoleWatch {
     state: Mutex<WatchState>,
+    changed: Condvar,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 struct WatchState {
     panic: Option<String>,
     power_off: bool,
+    marker: Option<String>,
+    marker_seen: bool,
 }
 
 impl ConsoleWatch {
@@ -46,8 +52,37 @@ impl ConsoleWatch {
         crate::bus::lock(&self.state).power_off
     }
 
+    /// From now on, notes a line that contains `marker` (see [`ConsoleWatch::wait_marker`]).
+    pub fn watch_for(&self, marker: &str) {
+        let mut s = crate::bus::lock(&self.state);
+        s.marker = Some(marker.to_string());
+        s.marker_seen = false;
+    }
+
+    /// Waits up to `timeout` for the line [`ConsoleWatch::watch_for`] named; whether it came.
+    pub fn wait_marker(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut s = crate::bus::lock(&self.state);
+        while !s.marker_seen {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            s = self
+                .changed
+                .wait_timeout(s, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+        true
+    }
+
     fn line(&self, line: &str) {
         let mut s = crate::bus::lock(&self.state);
+        if s.marker.as_deref().is_some_and(|m| line.contains(m)) {
+            s.marker_seen = true;
+            self.changed.notify_all();
+        }
         if let Some(pos) = line.find(PANIC_MARKER) {
             if s.panic.is_none() {
                 s.panic = Some(line[pos..].trim_end().to_string());
@@ -120,11 +155,62 @@ impl std::fmt::Debug for SerialDevice {
     }
 }
 
+/// The UART's registers and receive FIFO, as a snapshot keeps them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialState {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
 impl SerialDevice {
     /// A UART raising `irq` and writing to `sink`.
     pub fn new(irq: IrqLine, sink: ConsoleSink) -> Self {
         SerialDevice {
             uart: Serial::new(irq, sink),
+        }
+    }
+
+    /// A UART in the saved state `s` (an interrupt it had pending is raised again).
+    pub fn from_state(s: &SerialState, irq: IrqLine, sink: ConsoleSink) -> Result<Self, String> {
+        let state = UartState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        };
+        Serial::from_state(&state, irq, NoEvents, sink)
+            .map(|uart| SerialDevice { uart })
+            .map_err(|e| format!("serial state: {e:?}"))
+    }
+
+    /// The UART's state.
+    pub fn state(&self) -> SerialState {
+        let u = self.uart.state();
+        SerialState {
+            baud_divisor_low: u.baud_divisor_low,
+            baud_divisor_high: u.baud_divisor_high,
+            interrupt_enable: u.interrupt_enable,
+            interrupt_identification: u.interrupt_identification,
+            line_control: u.line_control,
+            line_status: u.line_status,
+            modem_control: u.modem_control,
+            modem_status: u.modem_status,
+            scratch: u.scratch,
+            in_buffer: u.in_buffer,
         }
     }
 }
@@ -197,6 +283,40 @@ mod tests {
         dev.write(1, &[0x02]);
         dev.write(0, b"x");
         assert!(irq.eventfd().read().unwrap() >= 1);
+    }
+
+    #[test]
+    fn state_round_trips_with_a_pending_interrupt() {
+        let (mut dev, _, watch, irq) = uart();
+        dev.write(3, &[0x03]); // LCR: 8 bits
+        dev.write(7, &[0x5a]); // scratch
+        dev.write(1, &[0x02]); // IER: THR empty
+        let _ = irq.eventfd().read();
+        let saved = dev.state();
+        assert_eq!((saved.line_control, saved.scratch), (0x03, 0x5a));
+        let line = IrqLine::new(COM1_IRQ).unwrap();
+        let evt = line.eventfd().try_clone().unwrap();
+        let mut restored =
+            SerialDevice::from_state(&saved, line, ConsoleSink::new(None, watch)).unwrap();
+        assert_eq!(restored.state(), saved);
+        assert!(
+            evt.read().unwrap() >= 1,
+            "the pending THR interrupt is raised"
+        );
+        let mut scratch = [0u8];
+        restored.read(7, &mut scratch);
+        assert_eq!(scratch, [0x5a]);
+    }
+
+    #[test]
+    fn a_watched_line_is_reported() {
+        let (mut dev, _, watch, _) = uart();
+        watch.watch_for("count 3");
+        assert!(!watch.wait_marker(Duration::from_millis(10)));
+        for b in b"count 2\ncount 3\n" {
+            dev.write(0, &[*b]);
+        }
+        assert!(watch.wait_marker(Duration::from_millis(10)));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{ActivateError, VirtioInterrupt, VirtioQueue};
+use super::{ActivateError, QueueSnapshot, VirtioInterrupt, VirtioQueue};
 use crate::memory::GuestMemory;
 
 /// Event-loop token of the activation eventfd.
@@ -38,6 +38,27 @@ impl ActiveQueues {
     /// asked to hear about (always, when the queue cannot tell).
     pub fn signal_used(&mut self, index: usize) {
         signal_used(&mut self.queues[index].queue, &self.mem, &self.interrupt);
+    }
+
+    /// Hands the next chain the guest made available on queue `index` to `f` (if there
+    /// is one), gives it back as used with the length `f` returns and interrupts the
+    /// guest if it asked to hear of it. Returns whether there was one.
+    pub fn consume_one(
+        &mut self,
+        index: usize,
+        f: impl FnOnce(DescriptorChain<&GuestMemory>, &GuestMemory) -> u32,
+    ) -> bool {
+        let q = &mut self.queues[index].queue;
+        let Some(chain) = q.pop_descriptor_chain(&self.mem) else {
+            return false;
+        };
+        let head = chain.head_index();
+        let len = f(chain, &self.mem);
+        if let Err(e) = q.add_used(&self.mem, head, len) {
+            log::error!("virtio: queue {index}: add_used: {e:?}");
+        }
+        signal_used(q, &self.mem, &self.interrupt);
+        true
     }
 
     /// Hands every chain the guest made available on queue `index` to `f`, gives each
@@ -133,6 +154,17 @@ impl Activation {
     /// The live queues, once activated.
     pub fn active(&mut self) -> Option<&mut ActiveQueues> {
         self.active.as_mut()
+    }
+
+    /// The live queues' states, once activated.
+    pub fn queue_states(&self) -> Option<Vec<QueueSnapshot>> {
+        let a = self.active.as_ref()?;
+        Some(
+            a.queues
+                .iter()
+                .map(|q| QueueSnapshot::of(&q.queue))
+                .collect(),
+        )
     }
 
     /// Whether the driver started the device.

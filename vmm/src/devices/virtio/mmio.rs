@@ -56,6 +56,8 @@ pub enum MmioError {
     BadQueueSize(u16),
     #[error("creating a queue eventfd: {0}")]
     EventFd(#[source] std::io::Error),
+    #[error("restoring virtio device type {device_type}: {reason}")]
+    Restore { device_type: u32, reason: String },
 }
 
 impl MmioTransport {
@@ -324,6 +326,9 @@ impl BusDevice for MmioTransport {
         }
     }
 }
+
+mod persist;
+pub use persist::MmioState;
 
 #[cfg(test)]
 mod tests;

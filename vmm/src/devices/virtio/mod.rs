@@ -14,7 +14,8 @@ pub mod vsock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::Queue;
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::IrqLine;
@@ -30,6 +31,54 @@ pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRT
 pub struct VirtioQueue {
     pub queue: Queue,
     pub notify: EventFd,
+}
+
+/// A queue's registers and ring positions, as a snapshot keeps them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub event_idx: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    pub next_avail: u16,
+    pub next_used: u16,
+}
+
+impl QueueSnapshot {
+    /// The state of `q`.
+    pub fn of(q: &Queue) -> Self {
+        let s = q.state();
+        QueueSnapshot {
+            max_size: s.max_size,
+            size: s.size,
+            ready: s.ready,
+            event_idx: s.event_idx_enabled,
+            desc_table: s.desc_table,
+            avail_ring: s.avail_ring,
+            used_ring: s.used_ring,
+            next_avail: s.next_avail,
+            next_used: s.next_used,
+        }
+    }
+
+    /// A queue in this state; one that virtio-queue finds inconsistent is refused.
+    pub fn to_queue(&self) -> Result<Queue, String> {
+        Queue::try_from(QueueState {
+            max_size: self.max_size,
+            next_avail: self.next_avail,
+            next_used: self.next_used,
+            event_idx_enabled: self.event_idx,
+            size: self.size,
+            ready: self.ready,
+            desc_table: self.desc_table,
+            avail_ring: self.avail_ring,
+            used_ring: self.used_ring,
+        })
+        .map_err(|e| format!("{e:?}"))
+    }
 }
 
 /// Copies the window `offset..offset + data.len()` of a device's config space `cfg` into
@@ -94,6 +143,12 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self) -> bool {
         false
     }
+    /// The queues an active device serves, with their positions (for a snapshot).
+    fn queue_states(&self) -> Option<Vec<QueueSnapshot>>;
+    /// Called once a restore has activated the device with its saved queues, before the
+    /// VM runs: what the device must tell the guest about having moved (vsock resets its
+    /// connections).
+    fn restored(&mut self) {}
 }
 
 /// The interrupt status register of a virtio-mmio device and the line it raises.
@@ -137,6 +192,11 @@ impl VirtioInterrupt {
     /// The pending interrupt bits.
     pub fn status(&self) -> u32 {
         self.status.load(Ordering::SeqCst)
+    }
+
+    /// Sets the pending bits (a restored device's).
+    pub fn set_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
     }
 
     /// Clears the bits the driver acknowledged.

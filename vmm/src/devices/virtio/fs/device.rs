@@ -12,7 +12,9 @@ use virtio_queue::{Queue, QueueT};
 
 use super::{FS_DEVICE_ID, TAG_LEN};
 use crate::devices::virtio::activation::{Activation, DeviceEvent};
-use crate::devices::virtio::{ActivateError, VirtioDevice, VirtioInterrupt, VirtioQueue};
+use crate::devices::virtio::{
+    ActivateError, QueueSnapshot, VirtioDevice, VirtioInterrupt, VirtioQueue,
+};
 use crate::memory::GuestMemory;
 
 /// Queue 0 is the high-priority queue (FORGET, INTERRUPT), queue 1 the request queue;
@@ -143,6 +145,10 @@ impl<F: FileSystem + Sync + Send> VirtioDevice for VirtioFs<F> {
     ) -> Result<(), ActivateError> {
         self.activation
             .activate(mem, interrupt, queues, QUEUE_SIZES.len())
+    }
+
+    fn queue_states(&self) -> Option<Vec<QueueSnapshot>> {
+        self.activation.queue_states()
     }
 }
 

@@ -8,7 +8,7 @@ use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
-use crate::devices::virtio::ActivateError;
+use crate::devices::virtio::{ActivateError, QueueSnapshot};
 use crate::devices::IrqLine;
 
 const DEVICE_FEATURE: u64 = 1 << 3;
@@ -55,6 +55,10 @@ impl VirtioDevice for Dummy {
         }
         self.activated = Some(queues);
         Ok(())
+    }
+    fn queue_states(&self) -> Option<Vec<QueueSnapshot>> {
+        let queues = self.activated.as_ref()?;
+        Some(queues.iter().map(|q| QueueSnapshot::of(&q.queue)).collect())
     }
     fn reset(&mut self) -> bool {
         self.resets += 1;

@@ -21,7 +21,9 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{features, NetBackend, NetError, MAX_FRAME_LEN, NET_DEVICE_ID, VNET_HDR_LEN};
 use crate::bus::lock;
 use crate::devices::virtio::activation::{Activation, DeviceEvent, TOKEN_DEVICE_BASE};
-use crate::devices::virtio::{ActivateError, VirtioDevice, VirtioInterrupt, VirtioQueue};
+use crate::devices::virtio::{
+    ActivateError, QueueSnapshot, VirtioDevice, VirtioInterrupt, VirtioQueue,
+};
 use crate::memory::GuestMemory;
 
 const RXQ: usize = 0;
@@ -343,6 +345,10 @@ impl VirtioDevice for Net {
     ) -> Result<(), ActivateError> {
         self.activation
             .activate(mem, interrupt, queues, QUEUE_SIZES.len())
+    }
+
+    fn queue_states(&self) -> Option<Vec<QueueSnapshot>> {
+        self.activation.queue_states()
     }
 
     fn reset(&mut self) -> bool {

@@ -1,8 +1,17 @@
 //! The virtio-vsock device model: three queues (RX, TX, event), the guest CID in config
 //! space, and the loop that moves packets between the queues and the backend. It runs on
 //! the event loop thread: queue kicks and backend readiness both arrive there.
+//!
+//! After a restore the device sends the guest a transport-reset event (virtio 1.2,
+//! 5.10.6.6): the guest drops every connection it had (their host ends are gone with the
+//! old VMM) and reads its CID again. Until the guest has handled the event, which it
+//! shows by giving the event buffer back (a kick on the event queue), nothing goes to its
+//! RX queue, so no new connection is caught by the reset.
 
+use std::io::Write;
+use std::num::Wrapping;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
@@ -12,13 +21,17 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::{VsockBackend, VsockError, MAX_PKT_DATA, VSOCK_DEVICE_ID};
 use crate::devices::virtio::activation::{Activation, DeviceEvent, TOKEN_DEVICE_BASE};
-use crate::devices::virtio::{ActivateError, VirtioDevice, VirtioInterrupt, VirtioQueue};
+use crate::devices::virtio::{
+    ActivateError, QueueSnapshot, VirtioDevice, VirtioInterrupt, VirtioQueue,
+};
 use crate::memory::GuestMemory;
 
 const RXQ: usize = 0;
 const TXQ: usize = 1;
 const EVQ: usize = 2;
 const QUEUE_SIZES: [u16; 3] = [256, 256, 16];
+/// `virtio_vsock_event.id` of a transport reset.
+const EVENT_TRANSPORT_RESET: u32 = 0;
 
 /// Event-loop token of the backend's descriptor.
 const TOKEN_BACKEND: u32 = TOKEN_DEVICE_BASE;
@@ -28,6 +41,10 @@ pub struct Vsock<B: VsockBackend> {
     cid: u64,
     backend: B,
     activation: Activation,
+    /// A transport reset was sent and the guest has not handled it yet: the event
+    /// queue's available index when it was sent (the guest raises it when it gives the
+    /// buffer back).
+    reset_pending: Option<Wrapping<u16>>,
 }
 
 impl<B: VsockBackend> std::fmt::Debug for Vsock<B> {
@@ -46,6 +63,7 @@ impl<B: VsockBackend> Vsock<B> {
             cid,
             backend,
             activation: Activation::new("vsock")?,
+            reset_pending: None,
         })
     }
 
@@ -69,8 +87,60 @@ impl<B: VsockBackend> Vsock<B> {
         })
     }
 
+    /// Whether a transport reset waits for the guest.
+    pub fn reset_pending(&self) -> bool {
+        self.reset_pending.is_some()
+    }
+
+    /// Sends the guest a transport-reset event; RX waits until the guest handled it.
+    fn send_transport_reset(&mut self) {
+        let Some(a) = self.activation.active() else {
+            return;
+        };
+        let mut sent = false;
+        let avail = a.queues[EVQ]
+            .queue
+            .avail_idx(&a.mem, Ordering::Acquire)
+            .ok();
+        a.consume_one(EVQ, |chain, mem| {
+            let written = chain
+                .writer(mem)
+                .ok()
+                .and_then(|mut w| w.write_all(&EVENT_TRANSPORT_RESET.to_le_bytes()).ok());
+            sent = written.is_some();
+            if sent {
+                4
+            } else {
+                0
+            }
+        });
+        if sent {
+            self.reset_pending = avail;
+        } else {
+            log::warn!("vsock: no event buffer for the transport reset");
+        }
+    }
+
+    /// Once the guest gave the event buffer back, the reset is behind it: RX resumes.
+    fn check_reset_done(&mut self) {
+        let Some(sent_at) = self.reset_pending else {
+            return;
+        };
+        let Some(a) = self.activation.active() else {
+            return;
+        };
+        let now = a.queues[EVQ].queue.avail_idx(&a.mem, Ordering::Acquire);
+        if now.is_ok_and(|idx| idx != sent_at) {
+            self.reset_pending = None;
+            self.process_rx();
+        }
+    }
+
     /// Fills guest RX buffers with what the backend has. Returns whether any was filled.
     pub fn process_rx(&mut self) -> bool {
+        if self.reset_pending.is_some() {
+            return false;
+        }
         let Some(a) = self.activation.active() else {
             return false;
         };
@@ -145,6 +215,14 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
         self.activation
             .activate(mem, interrupt, queues, QUEUE_SIZES.len())
     }
+
+    fn queue_states(&self) -> Option<Vec<QueueSnapshot>> {
+        self.activation.queue_states()
+    }
+
+    fn restored(&mut self) {
+        self.send_transport_reset();
+    }
 }
 
 impl<B: VsockBackend> MutEventSubscriber for Vsock<B> {
@@ -159,7 +237,7 @@ impl<B: VsockBackend> MutEventSubscriber for Vsock<B> {
                 self.process_tx();
                 self.process_rx();
             }
-            DeviceEvent::Queue(EVQ) => {}
+            DeviceEvent::Queue(EVQ) => self.check_reset_done(),
             DeviceEvent::Device(TOKEN_BACKEND) => self.handle_backend_event(events.event_set()),
             other => log::warn!("vsock: unexpected event {other:?}"),
         }

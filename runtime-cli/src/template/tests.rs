@@ -1,0 +1,112 @@
+//! The store's rules without VMs: private directories and files only, refusals with a
+//! reason, removal by key only, one build at a time.
+
+use std::os::unix::fs::PermissionsExt;
+
+use super::*;
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("runvm-tpl-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn shape() -> Shape {
+    let exe = std::env::current_exe().unwrap();
+    let config = vmm::VmConfig::new(exe);
+    let profile = vmm::HostProfile::for_kind(vmm::HostKind::HardwareKvm);
+    crate::sandbox::shape(&config, &profile, true).unwrap()
+}
+
+/// A template directory for `shape` with files that are not a snapshot.
+fn fake_template(store: &TemplateStore, shape: &Shape) -> PathBuf {
+    let path = store.path(&shape.key());
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&path)
+        .unwrap();
+    for f in [snapshot::STATE_FILE, snapshot::MEMORY_FILE] {
+        crate::state::write_private(&path.join(f), b"not a snapshot").unwrap();
+    }
+    path
+}
+
+#[test]
+fn the_store_is_made_private_and_a_missing_template_is_none() {
+    let dir = scratch("private");
+    let store = TemplateStore::new(dir.join("templates"));
+    store.ensure().unwrap();
+    let mode = std::fs::metadata(store.dir()).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700);
+    assert!(store.load(&shape()).unwrap().is_none());
+    assert!(!store.has(&shape()));
+    assert!(store.list().unwrap().is_empty());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn open_or_foreign_stores_and_files_are_refused() {
+    let dir = scratch("refused");
+    let store = TemplateStore::new(&dir);
+    store.ensure().unwrap();
+    let shape = shape();
+    let path = fake_template(&store, &shape);
+    let state = path.join(snapshot::STATE_FILE);
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let e = store.load(&shape).unwrap_err().to_string();
+    assert!(e.contains("lets others in"), "{e}");
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o600)).unwrap();
+    if nix::unistd::geteuid().is_root() {
+        std::os::unix::fs::chown(&state, Some(65534), None).unwrap();
+        let e = store.load(&shape).unwrap_err().to_string();
+        assert!(e.contains("owned by uid 65534"), "{e}");
+        std::os::unix::fs::chown(&state, Some(0), None).unwrap();
+    }
+    // Private, but not a snapshot: refused as such.
+    let e = store.load(&shape).unwrap_err().to_string();
+    assert!(e.contains("not a runvm state file"), "{e}");
+    let listed = store.list().unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].key, shape.key());
+    assert!(listed[0].problem.is_some());
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let e = store.ensure().unwrap_err().to_string();
+    assert!(e.contains("mode 755"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn templates_are_removed_by_key_only() {
+    let dir = scratch("remove");
+    let store = TemplateStore::new(&dir);
+    store.ensure().unwrap();
+    let shape = shape();
+    let path = fake_template(&store, &shape);
+    for bad in ["", "..", ".lock", "../x", "missing"] {
+        assert!(
+            matches!(store.remove(bad), Err(TemplateError::NotFound(_))),
+            "{bad}"
+        );
+    }
+    store.remove(&shape.key()).unwrap();
+    assert!(!path.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn one_build_at_a_time() {
+    let dir = scratch("lock");
+    let store = TemplateStore::new(&dir);
+    store.ensure().unwrap();
+    assert!(!store.building());
+    let held = store.lock_builds().unwrap();
+    assert!(store.building());
+    drop(held);
+    assert!(!store.building());
+    let mode = std::fs::metadata(dir.join(LOCK_FILE))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "the lock file is private too");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,240 @@
+//! Containers started from VM templates (runvm's default): two containers restored from
+//! one template each get their own randomness, hostname and wall clock; a template that is
+//! refused (corrupted) leaves the container to a cold boot with a log line; a store
+//! without the container's template gets it made in the background, by one builder at a
+//! time, and the next container restores it, unless its bundle says
+//! `run.oci.runvm.template=false`. Needs /dev/kvm, the kernel and the agent initramfs.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use runvm_tests::{
+    container_test_unavailable, ok, run_with_timeout, runvm, runvm_bin, shared_templates,
+    skip_unless, Finished, TempDir, TestBundle,
+};
+
+const T: Duration = Duration::from_secs(300);
+const SCRIPT: &str =
+    "hostname; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s";
+
+/// `runvm --template-dir STORE --log LOG ARGS` as a command.
+fn runvm_with(store: &Path, log: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(runvm_bin().unwrap());
+    c.arg("--template-dir")
+        .arg(store)
+        .arg("--log")
+        .arg(log)
+        .args(args);
+    c
+}
+
+/// Makes the default shape's template in `store` if it has none; returns its key.
+fn default_template(store: &Path) -> String {
+    let dir = TempDir::new("tpl-make");
+    let f = run_with_timeout(
+        runvm_with(store, &dir.path().join("log"), &["template", "create"]),
+        T,
+    );
+    ok(&f, "runvm template create");
+    f.stdout.trim().to_string()
+}
+
+/// A foreground `runvm run` of a bundle printing its hostname, 32 random bytes and the
+/// time, with hostname `name`; returns the run and its log.
+fn identity_run(
+    store: &Path,
+    root: &Path,
+    name: &str,
+    edit: &[(&str, &str)],
+) -> (Finished, String) {
+    let mut b = TestBundle::new(name, &["sh", "-c", SCRIPT]);
+    b.edit(|c| {
+        c["hostname"] = name.into();
+        for (k, v) in edit {
+            c["annotations"][*k] = (*v).into();
+        }
+    });
+    let log = root.join(format!("{name}.log"));
+    let mut cmd = runvm_with(store, &log, &["--root", root.to_str().unwrap()]);
+    cmd.args(["run", "--bundle"]).arg(b.path()).arg(name);
+    let f = run_with_timeout(cmd, T);
+    ok(&f, name);
+    (f, std::fs::read_to_string(&log).unwrap_or_default())
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// The three lines of [`SCRIPT`]: hostname, random hex, seconds.
+fn identity(f: &Finished) -> (String, String, i64) {
+    let lines: Vec<&str> = f.stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{}", f.stdout);
+    assert_eq!(lines[1].len(), 64, "{}", f.stdout);
+    (
+        lines[0].to_string(),
+        lines[1].to_string(),
+        lines[2].trim().parse().expect("date +%s"),
+    )
+}
+
+#[test]
+fn containers_from_one_template_get_their_own_identity() {
+    skip_unless!(container_test_unavailable());
+    let store = shared_templates();
+    let key = default_template(&store);
+    let root = TempDir::new("tpl-identity");
+    let runs: Vec<_> = ["tpl-one", "tpl-two"]
+        .into_iter()
+        .map(|name| {
+            let (store, root) = (store.clone(), root.path().to_path_buf());
+            std::thread::spawn(move || identity_run(&store, &root, name, &[]))
+        })
+        .collect();
+    let results: Vec<_> = runs.into_iter().map(|r| r.join().unwrap()).collect();
+    let mut randoms = Vec::new();
+    for ((f, log), name) in results.iter().zip(["tpl-one", "tpl-two"]) {
+        assert!(
+            log.contains(&format!(
+                "VM restored from template {}",
+                store.join(&key).display()
+            )),
+            "{name} did not start from the template:\n{log}"
+        );
+        let (host, random, secs) = identity(f);
+        assert_eq!(host, name);
+        assert!((secs - now()).abs() < 120, "{name}'s clock says {secs}");
+        randoms.push(random);
+    }
+    assert_ne!(
+        randoms[0], randoms[1],
+        "both VMs read the same random bytes"
+    );
+}
+
+#[test]
+fn a_refused_template_leaves_the_container_to_a_cold_boot() {
+    skip_unless!(container_test_unavailable());
+    let key = default_template(&shared_templates());
+    let store = TempDir::new("tpl-corrupt");
+    // A store must be private to be used at all.
+    std::fs::set_permissions(
+        store.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let copy = store.path().join(&key);
+    let st = Command::new("cp")
+        .args(["-a", "--sparse=always"])
+        .arg(shared_templates().join(&key))
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let state = copy.join("state");
+    let mut bytes = std::fs::read(&state).unwrap();
+    let at = bytes.len() - 3;
+    bytes[at] ^= 0x01;
+    std::fs::write(&state, bytes).unwrap();
+    let root = TempDir::new("tpl-corrupt-root");
+    let (f, log) = identity_run(store.path(), root.path(), "tpl-cold", &[]);
+    assert_eq!(identity(&f).0, "tpl-cold");
+    assert!(
+        log.contains("template refused")
+            && log.contains("checksum")
+            && log.contains("booting instead"),
+        "{log}"
+    );
+    assert!(!log.contains("VM restored"), "{log}");
+}
+
+/// Pids of `runvm ... template create` processes working on `store`.
+fn builders(store: &Path) -> Vec<i32> {
+    let needle = store.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let args: Vec<String> = cmd
+                .split(|&b| b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let building = args
+                .windows(2)
+                .any(|w| w[0] == "template" && w[1] == "create");
+            (building && args.iter().any(|a| a == &needle)).then_some(pid)
+        })
+        .collect()
+}
+
+#[test]
+fn a_missing_template_is_made_in_the_background_by_one_builder() {
+    skip_unless!(container_test_unavailable());
+    let store = TempDir::new("tpl-background");
+    let store_dir: PathBuf = store.path().join("templates");
+    let root = TempDir::new("tpl-background-root");
+    // Two containers at once find no template: one builder starts, never two.
+    let watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (w, s) = (watching.clone(), store_dir.clone());
+    let watcher = std::thread::spawn(move || {
+        let mut most = 0;
+        while w.load(std::sync::atomic::Ordering::SeqCst) {
+            most = most.max(builders(&s).len());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        most
+    });
+    let runs: Vec<_> = ["tpl-first", "tpl-second"]
+        .into_iter()
+        .map(|name| {
+            let (s, r) = (store_dir.clone(), root.path().to_path_buf());
+            std::thread::spawn(move || identity_run(&s, &r, name, &[]))
+        })
+        .collect();
+    for r in runs {
+        let (_, log) = r.join().unwrap();
+        assert!(log.contains("no template of its VM's shape yet"), "{log}");
+    }
+    let deadline = Instant::now() + T;
+    while !builders(&store_dir).is_empty() {
+        assert!(Instant::now() < deadline, "the builder did not finish");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    watching.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(watcher.join().unwrap(), 1, "one builder, exactly");
+    let list = runvm(
+        root.path(),
+        &[
+            "--template-dir",
+            store_dir.to_str().unwrap(),
+            "template",
+            "list",
+        ],
+        T,
+    );
+    ok(&list, "template list");
+    let build_log = std::fs::read_to_string(store_dir.join(".build.log")).unwrap_or_default();
+    assert_eq!(
+        list.stdout.lines().count(),
+        2,
+        "{}\nbuild log:\n{build_log}",
+        list.stdout
+    );
+
+    let (_, log) = identity_run(&store_dir, root.path(), "tpl-third", &[]);
+    assert!(log.contains("VM restored from template"), "{log}");
+    let off = [("run.oci.runvm.template", "false")];
+    let (f, log) = identity_run(&store_dir, root.path(), "tpl-off", &off);
+    assert_eq!(identity(&f).0, "tpl-off");
+    assert!(
+        !log.contains("template"),
+        "the annotation turns templates off:\n{log}"
+    );
+}

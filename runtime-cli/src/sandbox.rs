@@ -219,7 +219,8 @@ impl Sandbox {
     /// randomness for its random pool, the host's wall clock, and `hostname`.
     pub fn adopt(&self, hostname: Option<&str>, timeout: Duration) -> Result<(), SandboxError> {
         let mut entropy = vec![0u8; ENTROPY_BYTES];
-        getrandom(&mut entropy).map_err(|source| SandboxError::Io {
+        // getrandom(2): a jailed VMM has no /dev/urandom.
+        vmm::snapshot::fill_random(&mut entropy).map_err(|source| SandboxError::Io {
             what: "reading randomness for",
             path: PathBuf::from("the guest"),
             source,
@@ -261,12 +262,6 @@ impl Sandbox {
         }
         self.vm.wait()
     }
-}
-
-/// Fills `buf` from the host kernel's random pool.
-fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
-    use std::io::Read;
-    std::fs::File::open("/dev/urandom")?.read_exact(buf)
 }
 
 /// Waits for the agent's `Hello::Ready` on the ready socket, or for the VM's end.

@@ -172,23 +172,29 @@ pub struct VmState {
     pub virtio: Vec<MmioState>,
 }
 
-/// A fresh random id (128 bits, hex) from the kernel's random pool.
-pub(crate) fn random_id() -> std::io::Result<String> {
-    let mut bytes = [0u8; 16];
+/// Fills `buf` from the kernel's random pool (getrandom(2), which needs no device node).
+pub fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
     let mut filled = 0;
-    while filled < bytes.len() {
-        let rest = &mut bytes[filled..];
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
         // SAFETY: getrandom writes at most `rest.len()` bytes into `rest`.
         let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e);
             }
-            return Err(e);
+        } else {
+            filled += n as usize;
         }
-        filled += n as usize;
     }
+    Ok(())
+}
+
+/// A fresh random id (128 bits, hex).
+pub(crate) fn random_id() -> std::io::Result<String> {
+    let mut bytes = [0u8; 16];
+    fill_random(&mut bytes)?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 

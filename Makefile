@@ -3,7 +3,7 @@
 #   make                 runvm, the static guest agent, the guest kernel and the initramfs in build/
 #   make demo            the main job: build everything and boot a busybox guest in a runvm VM
 #   make test            build everything and run all tests (unit, KVM, boot, end-to-end)
-#   make bench           benchmarks against references (BENCHES="boot agent lifecycle share docker network" picks some)
+#   make bench           benchmarks against references (BENCHES="boot agent lifecycle share docker network templates" picks some)
 #   make fuzz            each cargo-fuzz target for FUZZ_SECONDS (default 60; nightly toolchain)
 #   make install PREFIX=/usr/local
 #

@@ -2,7 +2,9 @@
 
 use std::net::IpAddr;
 
-use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
+use netlink_packet_route::address::{
+    AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressScope,
+};
 use netlink_packet_route::link::{
     InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
@@ -210,7 +212,9 @@ impl Rtnl {
         Ok(out)
     }
 
-    /// Gives interface `index` the address `ip`/`prefix`.
+    /// Gives interface `index` the address `ip`/`prefix`. An IPv6 address is usable at
+    /// once (no duplicate address detection): runvm gives an interface the addresses
+    /// another one already held.
     pub fn add_address(&mut self, index: u32, ip: IpAddr, prefix: u8) -> Result<(), RtnlError> {
         let mut m = AddressMessage::default();
         m.header.family = family(&ip);
@@ -218,6 +222,11 @@ impl Rtnl {
         m.header.index = index;
         m.attributes.push(AddressAttribute::Local(ip));
         m.attributes.push(AddressAttribute::Address(ip));
+        if ip.is_ipv6() {
+            m.header.flags = AddressHeaderFlags::Nodad;
+            m.attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
         let op = format!("adding address {ip}/{prefix}");
         self.request(
             &op,

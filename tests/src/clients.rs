@@ -138,9 +138,12 @@ impl Engine {
         let runvm = crate::runvm_bin()?;
         let mut bad = asset_args();
         bad[1] = "/nonexistent/vmlinux".into();
+        let mut cold = asset_args();
+        cold.extend(["--templates".into(), "off".into()]);
         let config = serde_json::json!({
             "runtimes": {
                 "runvm": {"path": runvm, "runtimeArgs": asset_args()},
+                "runvm-cold": {"path": runvm, "runtimeArgs": cold},
                 "runvm-nokernel": {"path": runvm, "runtimeArgs": bad},
             }
         });

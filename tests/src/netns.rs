@@ -1,7 +1,8 @@
 //! Network namespaces for tests, made with iproute2 and removed on drop, so no test
 //! touches the host's network: a container's namespace and a peer's, joined by a veth
 //! pair (`eth0` in the container's, `peer0` in the peer's) on a /24 of 10.200.0.0/16
-//! picked per test, with the peer as the container's default gateway.
+//! and a /64 of fd72::/16 picked per test, with the peer as the container's default
+//! gateway for both.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -67,7 +68,12 @@ impl TestNet {
         let c_addr = format!("{}/24", self.container_ip());
         let p_addr = format!("{}/24", self.peer_ip());
         let gw = self.peer_ip();
-        let steps: [&[&str]; 11] = [
+        let (c6, p6) = (
+            format!("{}/64", self.container_ip6()),
+            format!("{}/64", self.peer_ip6()),
+        );
+        let gw6 = self.peer_ip6();
+        let steps: [&[&str]; 14] = [
             &["netns", "add", c],
             &["netns", "add", p],
             &[
@@ -82,6 +88,10 @@ impl TestNet {
             &["-n", c, "link", "set", "lo", "up"],
             &["-n", p, "link", "set", "lo", "up"],
             &["-n", c, "route", "add", "default", "via", &gw],
+            // Usable at once (no duplicate address detection).
+            &["-n", c, "addr", "add", &c6, "dev", "eth0", "nodad"],
+            &["-n", p, "addr", "add", &p6, "dev", "peer0", "nodad"],
+            &["-n", c, "-6", "route", "add", "default", "via", &gw6],
         ];
         for s in steps {
             ip(s)?;
@@ -97,6 +107,16 @@ impl TestNet {
     /// The peer's address (the container's gateway).
     pub fn peer_ip(&self) -> String {
         format!("10.200.{}.1", self.subnet)
+    }
+
+    /// The container's IPv6 address.
+    pub fn container_ip6(&self) -> String {
+        format!("fd72:{:x}::2", self.subnet)
+    }
+
+    /// The peer's IPv6 address (the container's IPv6 gateway).
+    pub fn peer_ip6(&self) -> String {
+        format!("fd72:{:x}::1", self.subnet)
     }
 
     /// The container namespace's path, for config.json.

@@ -154,10 +154,10 @@ fn a_started_container_owns_its_namespace_interface_both_ways() {
     let root = TempDir::new("root");
     let r = root.path();
     let _guard = ContainerGuard::new(r, &["net1", "net2"]);
-    let gw = net.peer_ip();
+    let (gw, gw6) = (net.peer_ip(), net.peer_ip6());
     let script = format!(
-        "ip -o addr show eth0; ip route; echo mtu=$(cat /sys/class/net/eth0/mtu) mac=$(cat /sys/class/net/eth0/address); \
-         ping -c 1 -W 10 {gw} && echo PING-OK; \
+        "ip -o addr show eth0; ip route; ip -6 route; echo mtu=$(cat /sys/class/net/eth0/mtu) mac=$(cat /sys/class/net/eth0/address); \
+         ping -c 1 -W 10 {gw} && echo PING-OK; ping -6 -c 1 -W 10 {gw6} && echo PING6-OK; \
          echo tcp-from-vm | nc {gw} 9001 && echo TCP-SENT; \
          /net-bench udp {gw}:9002 udp-from-vm; \
          mkdir -p /www && head -c 1048576 /dev/zero | tr '\\0' v > /www/big && echo served-by-vm > /www/index.html; \
@@ -183,6 +183,11 @@ fn a_started_container_owns_its_namespace_interface_both_ways() {
         "{text}"
     );
     assert!(text.contains(&format!("default via {gw}")), "{text}");
+    assert!(
+        text.contains(&format!("{}/64", net.container_ip6())),
+        "{text}"
+    );
+    assert!(text.contains(&format!("default via {gw6}")), "{text}");
     assert!(text.contains(&format!("mtu={MTU}")), "{text}");
     let guest_mac = text
         .split("mac=")
@@ -196,11 +201,15 @@ fn a_started_container_owns_its_namespace_interface_both_ways() {
         "guest MAC {guest_mac} is not the namespace's: {mac}"
     );
     assert!(text.contains("PING-OK"), "{text}");
+    assert!(text.contains("PING6-OK"), "{text}");
     assert!(text.contains("TCP-SENT"), "{text}");
     assert_eq!(received(tcp, QUICK).trim(), "tcp-from-vm");
     assert_eq!(udp.join().unwrap().trim(), "udp-from-vm");
     let ip = net.container_ip();
     peer(&net, "ping", &["-c", "1", "-W", "10", &ip]).expect("the peer cannot ping the container");
+    let ip6 = net.container_ip6();
+    peer(&net, "ping", &["-6", "-c", "1", "-W", "10", &ip6])
+        .expect("the peer cannot ping the container over IPv6");
     let web = format!("{ip}:8080");
     // httpd may still be starting.
     fetch_until(&net, &web, "index.html", "served-by-vm", QUICK);

@@ -152,6 +152,109 @@ fn a_refused_template_leaves_the_container_to_a_cold_boot() {
     assert!(!log.contains("VM restored"), "{log}");
 }
 
+/// A container restored from the template in `store` keeps working (and touching guest
+/// memory) after the template is removed under it.
+fn in_use_template_removed(store: &Path, root: &Path) {
+    let b = TestBundle::new(
+        "tpl-removed",
+        &[
+            "sh",
+            "-c",
+            "sleep 5; dd if=/dev/zero bs=1M count=16 2>/dev/null | wc -c; echo DONE",
+        ],
+    );
+    let log = root.join("tpl-removed.log");
+    let mut cmd = runvm_with(store, &log, &["--root", root.to_str().unwrap()]);
+    cmd.args(["run", "--bundle"])
+        .arg(b.path())
+        .arg("tpl-removed");
+    let run = std::thread::spawn(move || run_with_timeout(cmd, T));
+    let deadline = Instant::now() + T;
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("VM restored")
+    {
+        assert!(Instant::now() < deadline, "the container did not restore");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let rm = runvm(
+        root,
+        &[
+            "--template-dir",
+            store.to_str().unwrap(),
+            "template",
+            "rm",
+            "--all",
+        ],
+        T,
+    );
+    ok(&rm, "template rm --all");
+    let f = run.join().unwrap();
+    ok(&f, "a container whose template was removed");
+    assert_eq!(
+        f.stdout.split_whitespace().collect::<Vec<_>>(),
+        ["16777216", "DONE"]
+    );
+    let list = runvm(
+        root,
+        &[
+            "--template-dir",
+            store.to_str().unwrap(),
+            "template",
+            "list",
+        ],
+        T,
+    );
+    assert_eq!(list.stdout.lines().count(), 1, "{}", list.stdout);
+}
+
+/// A tmpfs of `mib` MiB mounted for a test, unmounted on drop.
+struct SmallDisk(TempDir);
+
+impl SmallDisk {
+    fn new(mib: u32) -> Self {
+        let dir = TempDir::new("tpl-full");
+        let st = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={mib}m,mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(st.success(), "mounting a tmpfs");
+        SmallDisk(dir)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.0.path()).status();
+    }
+}
+
+#[test]
+fn a_template_that_does_not_fit_on_disk_fails_in_one_line_and_leaves_nothing() {
+    skip_unless!(container_test_unavailable());
+    let disk = SmallDisk::new(8);
+    let store = disk.0.path().join("templates");
+    let logs = TempDir::new("tpl-full-log");
+    let f = run_with_timeout(
+        runvm_with(&store, &logs.path().join("log"), &["template", "create"]),
+        T,
+    );
+    runvm_tests::fails_with(&f, "No space left on device");
+    let left: Vec<String> = std::fs::read_dir(&store)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, [".lock"], "a failed build leaves only the lock file");
+}
+
 /// Pids of `runvm ... template create` processes working on `store`.
 fn builders(store: &Path) -> Vec<i32> {
     let needle = store.to_string_lossy().into_owned();
@@ -228,8 +331,7 @@ fn a_missing_template_is_made_in_the_background_by_one_builder() {
         list.stdout
     );
 
-    let (_, log) = identity_run(&store_dir, root.path(), "tpl-third", &[]);
-    assert!(log.contains("VM restored from template"), "{log}");
+    in_use_template_removed(&store_dir, root.path());
     let off = [("run.oci.runvm.template", "false")];
     let (f, log) = identity_run(&store_dir, root.path(), "tpl-off", &off);
     assert_eq!(identity(&f).0, "tpl-off");

@@ -31,11 +31,19 @@ pub fn run(cli: &Cli, args: &BootArgs) -> anyhow::Result<()> {
     };
     let profile = HostProfile::detect();
     log::debug!("host: {}", profile.describe());
-    let shape = Shape::of(&config, &profile, &[]).context("reading the kernel")?;
+    // A snapshot is taken and restored as one of this shape (the kernel, command line,
+    // memory, vCPUs and, here, no virtio device).
+    let shape = match args.restore.is_some() || args.snapshot.is_some() {
+        true => {
+            config.validate()?;
+            Some(Shape::of(&config, &profile, &[]).context("reading the boot assets")?)
+        }
+        false => None,
+    };
     let builder = VmBuilder::new(config, profile);
-    let vmm = match &args.restore {
-        Some(dir) => builder.restore(vmm::snapshot::load(dir, &shape)?)?,
-        None => builder.build()?,
+    let vmm = match (&args.restore, &shape) {
+        (Some(dir), Some(shape)) => builder.restore(vmm::snapshot::load(dir, shape)?)?,
+        _ => builder.build()?,
     };
     log::debug!("starting: {:?}", vmm.info());
     let watch = vmm.console_watch();
@@ -43,7 +51,7 @@ pub fn run(cli: &Cli, args: &BootArgs) -> anyhow::Result<()> {
         watch.watch_for(line);
     }
     let vm = vmm.start().context("starting the VM")?;
-    if let (Some(line), Some(dir)) = (&args.snapshot_on, &args.snapshot) {
+    if let (Some(line), Some(dir), Some(shape)) = (&args.snapshot_on, &args.snapshot, &shape) {
         if !watch.wait_marker(SNAPSHOT_LINE_TIMEOUT) {
             vm.handle().stop();
             bail!("the console never showed {line:?}: {}", vm.wait());
@@ -52,7 +60,7 @@ pub fn run(cli: &Cli, args: &BootArgs) -> anyhow::Result<()> {
             .mode(0o700)
             .create(dir)
             .with_context(|| format!("creating {}", dir.display()))?;
-        let saved = vm.snapshot(dir, &shape);
+        let saved = vm.snapshot(dir, shape);
         vm.handle().stop();
         vm.wait();
         saved?;

@@ -340,3 +340,65 @@ fn status_bits_cannot_be_cleared_without_reset() {
         VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER
     );
 }
+
+#[test]
+fn a_saved_transport_restores_its_registers_and_its_devices_queues() {
+    let mut f = fixture();
+    let q0 = MockSplitQueue::create(&f.mem, GuestAddress(0x10000), 16);
+    let q1 = MockSplitQueue::create(&f.mem, GuestAddress(0x20000), 16);
+    let features = VIRTIO_F_VERSION_1 | DEVICE_FEATURE | VIRTIO_RING_F_EVENT_IDX;
+    drive_to_driver_ok(&mut f.t, &[&q0, &q1], features);
+    // The device served one chain of queue 1: its position moved past the transport's.
+    q1.add_desc_chains(
+        &[RawDescriptor::from(SplitDescriptor::new(0x100000, 4, 0, 0))],
+        0,
+    )
+    .unwrap();
+    {
+        let mut dev = f.dev.lock().unwrap();
+        let q = &mut dev.activated.as_mut().unwrap()[1].queue;
+        let chain = q.pop_descriptor_chain(&f.mem).unwrap();
+        q.add_used(&f.mem, chain.head_index(), 0).unwrap();
+    }
+    f.t.interrupt.signal_used_queue();
+    let saved = {
+        let dev = f.dev.lock().unwrap();
+        f.t.save_state(&*dev)
+    };
+    assert!(saved.active);
+    let live = saved.live.as_ref().unwrap();
+    assert_eq!((live[1].next_avail, live[1].next_used), (1, 1));
+    assert_eq!(saved.queues[1].next_avail, 0, "the transport's copy stays");
+
+    // A new transport and device, as a new VMM builds them, take the state.
+    let g = fixture();
+    let mut t = g.t;
+    t.restore_state(&saved).unwrap();
+    assert!(t.is_active());
+    assert_eq!(t.status(), saved.status);
+    assert_eq!(
+        r(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS),
+        VirtioInterrupt::VRING
+    );
+    let dev = g.dev.lock().unwrap();
+    assert_eq!(dev.acked, features);
+    let queues = dev.activated.as_ref().unwrap();
+    let q = &queues[1].queue;
+    assert_eq!((q.next_avail(), q.next_used()), (1, 1));
+    assert!(q.event_idx_enabled());
+    for (i, q) in queues.iter().enumerate() {
+        assert_eq!(q.notify.read().unwrap(), 1, "queue {i} is kicked once");
+    }
+    drop(dev);
+    let mut back = t.save_state(&*g.dev.lock().unwrap());
+    back.config_generation = saved.config_generation;
+    assert_eq!(back, saved, "what was restored saves the same");
+
+    // A state of another device type, or queues that do not fit, are refused.
+    let mut other = saved.clone();
+    other.device_type = 7;
+    assert!(fixture().t.restore_state(&other).is_err());
+    let mut short = saved.clone();
+    short.queues.pop();
+    assert!(fixture().t.restore_state(&short).is_err());
+}

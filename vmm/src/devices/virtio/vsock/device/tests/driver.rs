@@ -24,6 +24,7 @@ const TX_RING: u64 = 0x2_0000;
 const EV_RING: u64 = 0x3_0000;
 const RX_BUF_BASE: u64 = 0x10_0000;
 const TX_BUF: u64 = 0x80_0000;
+pub const EV_BUF: u64 = 0x90_0000;
 /// Buffer space the guest advertises per connection.
 pub const GUEST_BUF_ALLOC: u32 = 256 * 1024;
 
@@ -44,6 +45,7 @@ pub struct Driver {
     pub dev: Vsock<VsockMuxer>,
     rx: Ring,
     tx: Ring,
+    pub ev: Ring,
     /// Bytes the guest consumed per (local, peer) port pair: its fwd_cnt.
     pub fwd: std::collections::HashMap<(u32, u32), u32>,
 }
@@ -64,6 +66,7 @@ impl Driver {
             dev,
             rx,
             tx,
+            ev,
             fwd: Default::default(),
         };
         for i in 0..RX_BUFS {
@@ -79,6 +82,12 @@ impl Driver {
             .desc(2 * i, hdr, HDR as u32, F_WRITE | F_NEXT, 2 * i + 1);
         self.rx.desc(2 * i + 1, hdr + 0x100, RX_DATA, F_WRITE, 0);
         self.rx.publish(2 * i);
+    }
+
+    /// Posts event buffer 0 (8 bytes at `EV_BUF`) as the guest's driver does.
+    pub fn post_event_buffer(&mut self) {
+        self.ev.desc(0, EV_BUF, 8, F_WRITE, 0);
+        self.ev.publish(0);
     }
 
     /// Sends one packet from the guest.

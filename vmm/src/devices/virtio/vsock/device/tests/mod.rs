@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use driver::{Driver, Pkt, GUEST_BUF_ALLOC};
 
+use super::EVENT_TRANSPORT_RESET;
 use crate::devices::virtio::vsock::unix::connection::TX_BUF_SIZE;
 use crate::devices::virtio::vsock::{op, SHUTDOWN_RCV, SHUTDOWN_SEND};
 use crate::devices::virtio::VirtioDevice;
@@ -63,6 +64,48 @@ fn rw(src: u32, dst: u32, data: &[u8], fwd_cnt: u32) -> Pkt {
         fwd_cnt,
         data: data.to_vec(),
     }
+}
+
+#[test]
+fn a_restored_device_resets_the_guests_connections_before_any_new_one() {
+    use vm_memory::{Bytes, GuestAddress};
+    let dir = Dir::new("reset");
+    let mut d = Driver::new(&dir.sock());
+    d.mem
+        .write_slice(&[0xff; 8], GuestAddress(driver::EV_BUF))
+        .unwrap();
+    d.post_event_buffer();
+    d.dev.restored();
+    assert!(d.dev.reset_pending());
+    let used = d.ev.take_used();
+    assert_eq!(used, vec![(0, 4)], "one transport-reset event");
+    let mut id = [0u8; 4];
+    d.mem
+        .read_slice(&mut id, GuestAddress(driver::EV_BUF))
+        .unwrap();
+    assert_eq!(u32::from_le_bytes(id), EVENT_TRANSPORT_RESET);
+
+    // A host program connects meanwhile: its REQUEST waits for the guest's reset.
+    let mut s = UnixStream::connect(dir.sock()).unwrap();
+    s.write_all(b"CONNECT 1024\n").unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(
+        d.pump().is_empty(),
+        "nothing reaches the guest before its reset"
+    );
+    d.dev.check_reset_done();
+    assert!(
+        d.dev.reset_pending(),
+        "an event-queue kick alone is not the guest's answer"
+    );
+    // The guest handled the event and gave the buffer back.
+    d.post_event_buffer();
+    d.dev.check_reset_done();
+    assert!(!d.dev.reset_pending());
+    let pkts = d.pump_until(|p| p.iter().any(|p| p.op == op::REQUEST));
+    assert!(pkts
+        .iter()
+        .any(|p| p.op == op::REQUEST && p.dst_port == 1024));
 }
 
 #[test]

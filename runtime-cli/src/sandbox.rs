@@ -7,8 +7,9 @@
 //! Instead of booting, a sandbox can resume a template: a snapshot of a VM of the same
 //! shape whose agent was ready and idle. Its agent is then already listening (the vsock
 //! device resets the connections the snapshot had), so there is no ready call to wait
-//! for. A template that cannot be restored is logged and the VM boots instead.
-//! `adopt` gives either VM its own identity (randomness, clock, hostname).
+//! for. A template that cannot be restored, or whose VM does not take its identity in
+//! time, is logged and the VM boots instead. `adopt` gives either VM its own identity
+//! (randomness, clock, hostname).
 
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixListener;
@@ -59,7 +60,14 @@ pub struct Launch<'a> {
     pub ready_timeout: Duration,
     /// A template to restore instead of booting.
     pub template: Option<Snapshot>,
+    /// Give the VM its identity (see [`Sandbox::adopt`]) with this hostname, before
+    /// anything else reaches its agent; a restored VM that cannot take it is stopped and
+    /// the VM boots instead.
+    pub identity: Option<Option<String>>,
 }
+
+/// How long a VM's agent may take to answer the identity call.
+const IDENTITY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Errors booting a sandbox.
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +110,8 @@ pub struct Sandbox {
     client: AgentClient,
     net: NetAttach,
     pub agent: String,
+    restored: bool,
+    template_failure: Option<String>,
 }
 
 fn ready_socket(vsock: &Path) -> PathBuf {
@@ -124,6 +134,7 @@ impl Sandbox {
             share: None,
             ready_timeout,
             template: None,
+            identity: None,
         };
         Self::launch(launch, |_| {})
     }
@@ -135,32 +146,62 @@ impl Sandbox {
         mut launch: Launch<'_>,
         on_running: impl FnOnce(VmHandle),
     ) -> Result<Self, SandboxError> {
+        let mut template_failure = None;
         if let Some(template) = launch.template.take() {
             let dir = template.dir.clone();
-            match Self::start(&launch, Some(template)) {
-                Ok((vm, attach)) => {
+            match Self::restore(&launch, template) {
+                Ok(mut sandbox) => {
                     log::info!("VM restored from template {}", dir.display());
-                    on_running(vm.handle());
-                    return Ok(Self::with_agent(
-                        vm,
-                        attach,
-                        launch.vsock,
-                        "restored".into(),
-                    ));
+                    on_running(sandbox.handle());
+                    sandbox.restored = true;
+                    return Ok(sandbox);
                 }
-                Err(e) => log::warn!(
-                    "template {} was not restored ({e}): booting instead",
-                    dir.display()
-                ),
+                Err(e) => {
+                    log::warn!(
+                        "template {} was not restored ({e}): booting instead",
+                        dir.display()
+                    );
+                    template_failure = Some(e.to_string());
+                }
             }
         }
+        let mut sandbox = Self::boot_and_wait(&launch, on_running)?;
+        if let Some(hostname) = &launch.identity {
+            if let Err(e) = sandbox.adopt(hostname.as_deref()) {
+                let _ = sandbox.finish(Duration::ZERO);
+                return Err(e);
+            }
+        }
+        sandbox.template_failure = template_failure;
+        Ok(sandbox)
+    }
+
+    /// A VM restored from `template` whose agent took its identity (when asked for); a
+    /// VM that does not answer in time is stopped.
+    fn restore(launch: &Launch<'_>, template: Snapshot) -> Result<Self, SandboxError> {
+        let (vm, attach) = Self::start(launch, Some(template))?;
+        let sandbox = Self::with_agent(vm, attach, launch.vsock, "restored".into());
+        if let Some(hostname) = &launch.identity {
+            if let Err(e) = sandbox.adopt(hostname.as_deref()) {
+                let _ = sandbox.finish(Duration::ZERO);
+                return Err(e);
+            }
+        }
+        Ok(sandbox)
+    }
+
+    /// A booted VM whose agent called in.
+    fn boot_and_wait(
+        launch: &Launch<'_>,
+        on_running: impl FnOnce(VmHandle),
+    ) -> Result<Self, SandboxError> {
         let ready_path = ready_socket(launch.vsock);
         let ready = vmm::unix_path::bind(&ready_path).map_err(|source| SandboxError::Io {
             what: "binding",
             path: ready_path.clone(),
             source,
         })?;
-        let result = Self::start(&launch, None).and_then(|(vm, attach)| {
+        let result = Self::start(launch, None).and_then(|(vm, attach)| {
             on_running(vm.handle());
             match wait_ready(&ready, &vm, launch.ready_timeout) {
                 Ok(agent) => Ok(Self::with_agent(vm, attach, launch.vsock, agent)),
@@ -178,6 +219,11 @@ impl Sandbox {
         result
     }
 
+    /// Whether the VM was restored from a template; why a template given was not used.
+    pub fn origin(&self) -> (bool, Option<&str>) {
+        (self.restored, self.template_failure.as_deref())
+    }
+
     fn with_agent(vm: RunningVm, net: NetAttach, vsock: &Path, agent: String) -> Self {
         let client = AgentClient::new(Arc::new(VsockDialer {
             socket: vsock.to_path_buf(),
@@ -188,6 +234,8 @@ impl Sandbox {
             client,
             net,
             agent,
+            restored: false,
+            template_failure: None,
         }
     }
 
@@ -217,7 +265,7 @@ impl Sandbox {
 
     /// Gives the VM its own identity before a container runs in it: fresh host
     /// randomness for its random pool, the host's wall clock, and `hostname`.
-    pub fn adopt(&self, hostname: Option<&str>, timeout: Duration) -> Result<(), SandboxError> {
+    fn adopt(&self, hostname: Option<&str>) -> Result<(), SandboxError> {
         let mut entropy = vec![0u8; ENTROPY_BYTES];
         // getrandom(2): a jailed VMM has no /dev/urandom.
         vmm::snapshot::fill_random(&mut entropy).map_err(|source| SandboxError::Io {
@@ -227,7 +275,7 @@ impl Sandbox {
         })?;
         let mut control = self
             .client
-            .control_within(timeout)
+            .control_within(IDENTITY_TIMEOUT)
             .map_err(SandboxError::Identity)?;
         control
             .identity(entropy, hostname)

@@ -27,6 +27,8 @@ pub mod files {
     pub const EXIT: &str = "exit";
     /// One empty file per running `exec` proxy, named by its host pid (for `ps`).
     pub const EXECS: &str = "execs";
+    /// Written by the VMM when its VM's template was refused or could not be restored.
+    pub const TEMPLATE_REFUSED: &str = "template.refused";
 }
 
 /// Options for a file of runvm's own: mode 0600 whatever the umask (the VMM's is

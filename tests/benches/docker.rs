@@ -4,20 +4,8 @@
 //! `make bench BENCHES=docker`. Env: as for the tests (RUNVM_BIN, RUNVM_KERNEL,
 //! RUNVM_INITRD); BENCH_RUNS (default 3). Needs docker.io, containerd and runc (`make deps`).
 
-use std::time::{Duration, Instant};
-
 use runvm_tests::clients::{clients_unavailable, Engine, IMAGE};
 use runvm_tests::{bench_runs, median};
-
-fn docker_run(d: &Engine, runtime: &str) -> f64 {
-    let t = Instant::now();
-    let f = d.docker_cmd(
-        &["run", "--rm", "--runtime", runtime, IMAGE, "true"],
-        Duration::from_secs(600),
-    );
-    assert_eq!(f.code, Some(0), "docker run --runtime {runtime}: {f:?}");
-    t.elapsed().as_secs_f64() * 1e3
-}
 
 fn main() {
     if let Some(why) = clients_unavailable() {
@@ -27,13 +15,13 @@ fn main() {
     let runs = bench_runs(3);
     let d = Engine::docker().unwrap_or_else(|e| panic!("{e}"));
     // One unmeasured run each: the first container of a fresh daemon pays for its setup.
-    docker_run(&d, "runc");
-    docker_run(&d, "runvm");
+    d.docker_run_true_ms("runc");
+    d.docker_run_true_ms("runvm");
     let (mut v, mut c) = (vec![], vec![]);
     for i in 0..runs {
         eprintln!("run {}/{runs}", i + 1);
-        v.push(docker_run(&d, "runvm"));
-        c.push(docker_run(&d, "runc"));
+        v.push(d.docker_run_true_ms("runvm"));
+        c.push(d.docker_run_true_ms("runc"));
     }
     let (v, c) = (median(v), median(c));
     println!(

@@ -10,9 +10,9 @@
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use runvm_tests::clients::{clients_unavailable, Engine, IMAGE};
+use runvm_tests::clients::{clients_unavailable, Engine};
 use runvm_tests::{
     bench_runs, container_test_unavailable, median, runvm_bin, shared_templates, TempDir,
     TestBundle,
@@ -94,16 +94,6 @@ fn back_to_back(base: &Command, bundle: &str, n: usize, tag: &str) -> (f64, f64)
     (wall, pss)
 }
 
-fn docker_run(d: &Engine, runtime: &str) -> f64 {
-    let t = Instant::now();
-    let f = d.docker_cmd(
-        &["run", "--rm", "--runtime", runtime, IMAGE, "true"],
-        Duration::from_secs(600),
-    );
-    assert_eq!(f.code, Some(0), "docker run --runtime {runtime}: {f:?}");
-    t.elapsed().as_secs_f64() * 1e3
-}
-
 fn main() {
     if let Some(why) = container_test_unavailable().or_else(clients_unavailable) {
         eprintln!("templates benchmark cannot run: {why}");
@@ -172,12 +162,12 @@ fn main() {
 
     let d = Engine::docker().unwrap_or_else(|e| panic!("{e}"));
     for rt in ["runc", "runvm", "runvm-cold"] {
-        docker_run(&d, rt);
+        d.docker_run_true_ms(rt);
     }
     println!("{:<16} {:>16}", "docker run", "wall (ms)");
     let mut dm = Vec::new();
     for rt in ["runvm-cold", "runvm", "runc"] {
-        let m = median((0..runs).map(|_| docker_run(&d, rt)).collect());
+        let m = median((0..runs).map(|_| d.docker_run_true_ms(rt)).collect());
         println!("{rt:<16} {m:>16.0}");
         dm.push(m);
     }

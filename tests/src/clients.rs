@@ -304,6 +304,17 @@ impl Engine {
         c
     }
 
+    /// Wall time (ms) of `docker run --rm --runtime RUNTIME IMAGE true`, which must succeed.
+    pub fn docker_run_true_ms(&self, runtime: &str) -> f64 {
+        let t = std::time::Instant::now();
+        let f = self.docker_cmd(
+            &["run", "--rm", "--runtime", runtime, IMAGE, "true"],
+            Duration::from_secs(600),
+        );
+        assert_eq!(f.code, Some(0), "docker run --runtime {runtime}: {f:?}");
+        t.elapsed().as_secs_f64() * 1e3
+    }
+
     /// Runs `ctr -a <socket> ARGS` against this daemon.
     pub fn ctr(&self, args: &[&str], timeout: Duration) -> Finished {
         run_with_timeout(self.ctr_command(args), timeout)

@@ -200,6 +200,44 @@ impl Drop for TempDir {
     }
 }
 
+/// A tmpfs of a few MiB mounted for a test (a file system that fills up), unmounted on
+/// drop.
+#[derive(Debug)]
+pub struct SmallDisk(TempDir);
+
+impl SmallDisk {
+    /// A `mib` MiB tmpfs, mode 0700.
+    pub fn new(mib: u32) -> Self {
+        let dir = TempDir::new("small-disk");
+        let st = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={mib}m,mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir.path())
+            .status()
+            .expect("mount");
+        assert!(st.success(), "mounting a tmpfs");
+        SmallDisk(dir)
+    }
+
+    /// Where it is mounted.
+    pub fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
 /// A token unlikely to appear by chance, for proving data made the round trip.
 pub fn token() -> String {
     let t = std::time::SystemTime::now()

@@ -262,6 +262,8 @@ fn a_dying_guest_and_a_full_state_file_system_leave_nothing() {
         c["vm"] = serde_json::json!({"kernel": {
             "path": kernel, "initrd": initrd, "parameters": ["RUNVM_AGENT_TEST_FAULT=crash"]
         }});
+        // A shape of its own that no other container uses: no template is made for it.
+        c["annotations"]["run.oci.runvm.template"] = "false".into();
     });
     let full = bundle("fault-full", &cg_full);
     // Both boot at once.
@@ -353,6 +355,8 @@ fn an_agent_that_stops_answering_never_hangs_a_command() {
         c["vm"] = serde_json::json!({"kernel": {
             "path": kernel, "initrd": initrd, "parameters": ["RUNVM_AGENT_TEST_FAULT=stall"]
         }});
+        // A shape of its own that no other container uses: no template is made for it.
+        c["annotations"]["run.oci.runvm.template"] = "false".into();
     });
     let out = r.join("stall1.out");
     let bundle_path = b.path().to_string_lossy().into_owned();
@@ -432,6 +436,8 @@ fn a_vmm_killed_once_its_agent_is_ready_or_while_hooks_run_leaves_nothing() {
         c["vm"] = serde_json::json!({"kernel": {
             "path": kernel, "initrd": initrd, "parameters": ["RUNVM_AGENT_TEST_FAULT=stall-create"]
         }});
+        // A shape of its own that no other container uses: no template is made for it.
+        c["annotations"]["run.oci.runvm.template"] = "false".into();
     });
     kill_during_create(r, "ready1", &b, &cgroup, |dir| {
         let ready = dir.join("v.sock_1025");

@@ -13,7 +13,7 @@ use std::time::Duration;
 use runtime_cli::initramfs::Initramfs;
 use runvm_tests::{
     boot_check_init, fails_with, kernel, ok, run_with_timeout, runvm_bin, skip_unless,
-    vm_test_unavailable, Finished, TempDir,
+    vm_test_unavailable, Finished, SmallDisk, TempDir,
 };
 
 const T: Duration = Duration::from_secs(300);
@@ -111,6 +111,24 @@ fn a_saved_vm_continues_its_work_in_new_vmm_processes() {
         assert!(resumed.stdout.contains("boot-check: rebooting"));
     }
     refusals(&initrd, &snap);
+    full_disk(&initrd);
+}
+
+/// A snapshot that does not fit on its file system fails in one line and leaves nothing.
+fn full_disk(initrd: &Path) {
+    let disk = SmallDisk::new(8);
+    let dir = disk.path().join("snap");
+    let f = boot(
+        initrd,
+        &[
+            "--snapshot-on",
+            "count 2 ",
+            "--snapshot",
+            dir.to_str().unwrap(),
+        ],
+    );
+    fails_with(&f, "No space left on device");
+    assert!(!dir.exists(), "a failed snapshot leaves nothing");
 }
 
 /// Snapshots that must be refused, each with one line and no guest output.
@@ -142,6 +160,6 @@ fn refusals(initrd: &Path, snap: &Path) {
     std::fs::write(&short_state, &text[..text.len() / 2]).unwrap();
     refused(&truncated, &[], "truncated");
 
-    refused(snap, &["--mem", "256"], "another VM shape");
+    refused(snap, &["--mem", "256"], "another VM shape (memory differ)");
     refused(&snap.with_file_name("missing"), &[], "No such file");
 }

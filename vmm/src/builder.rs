@@ -253,6 +253,7 @@ impl VmBuilder {
             Origin::Restore(state) => {
                 let vcpus = create_vcpus(&vm, &mem, None, vcpu_count, buses, &exit, &control)?;
                 restore_state(&vm, &vcpus, &transports, &state)?;
+                lock(&legacy.serial).reassert_interrupt()?;
                 (vcpus, state.cmdline.clone(), None)
             }
         };

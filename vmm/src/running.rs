@@ -17,6 +17,9 @@ use crate::snapshot::{self, Shape, SnapshotError, VmKvmState, VmState};
 use crate::vcpu::{RunState, Vcpu, VcpuControl, VcpuThread};
 use crate::vm::Vm;
 
+/// How long the vCPUs may take to park and save their state for a snapshot.
+const SAVE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A built VM, not yet running; the builder (see `builder`) fills it in.
 pub struct Vmm {
     pub(crate) vm: Vm,
@@ -150,7 +153,7 @@ impl RunningVm {
         }
         let vcpus = self
             .control
-            .save_states(self.threads.len())
+            .save_states(self.threads.len(), SAVE_TIMEOUT)
             .map_err(SnapshotError::State)?;
         let kvm = VmKvmState::save(self.vm.fd())?;
         let transports: Vec<_> = self.devices.transports.iter().map(|t| lock(t)).collect();

@@ -16,6 +16,7 @@ use std::cell::Cell;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -103,32 +104,53 @@ impl VcpuControl {
     }
 
     /// Pauses the vCPUs and has each of the `count` of them save its state; returns the
-    /// states in vCPU order, or why one could not be saved (a vCPU that ended, an ioctl
-    /// that failed). The vCPUs stay paused.
-    pub fn save_states(&self, count: usize) -> Result<Vec<VcpuState>, String> {
-        self.pause();
+    /// states in vCPU order, or why they could not be saved within `timeout` (a vCPU that
+    /// ended or did not park, an ioctl that failed). The vCPUs stay paused.
+    pub fn save_states(&self, count: usize, timeout: Duration) -> Result<Vec<VcpuState>, String> {
+        let deadline = Instant::now() + timeout;
+        self.set(RunState::Paused);
         let mut s = lock(&self.inner);
-        if s.state != RunState::Paused || s.threads.len() != count {
-            return Err("the vCPUs are not all running".into());
+        let parked = |s: &ControlInner| s.parked >= s.threads.len();
+        s = self.wait_until(s, deadline, parked);
+        if s.state != RunState::Paused || s.threads.len() != count || !parked(&s) {
+            return Err("the vCPUs did not all park".into());
         }
         s.save = Some((0..count).map(|_| None).collect());
         self.changed.notify_all();
-        loop {
-            let done = s
-                .save
+        let saved = |s: &ControlInner| {
+            s.save
                 .as_ref()
-                .is_some_and(|v| v.iter().all(Option::is_some));
-            if done || s.state != RunState::Paused || s.threads.len() != count {
-                break;
-            }
-            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
-        }
-        let saved = s.save.take().unwrap_or_default();
-        saved
+                .is_some_and(|v| v.iter().all(Option::is_some))
+                || s.threads.len() != count
+        };
+        s = self.wait_until(s, deadline, saved);
+        let results = s.save.take().unwrap_or_default();
+        results
             .into_iter()
             .enumerate()
-            .map(|(i, r)| r.unwrap_or_else(|| Err(format!("vCPU {i} ended"))))
+            .map(|(i, r)| r.unwrap_or_else(|| Err(format!("vCPU {i} did not save its state"))))
             .collect()
+    }
+
+    /// Waits until `done` holds, the state leaves Paused, or `deadline` passes.
+    fn wait_until<'a>(
+        &self,
+        mut s: std::sync::MutexGuard<'a, ControlInner>,
+        deadline: Instant,
+        done: impl Fn(&ControlInner) -> bool,
+    ) -> std::sync::MutexGuard<'a, ControlInner> {
+        while !done(&s) && s.state == RunState::Paused {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            s = self
+                .changed
+                .wait_timeout(s, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+        s
     }
 
     fn kick(s: &ControlInner) {
@@ -311,7 +333,9 @@ impl Vcpu {
                 RunOutcome::Handled => continue,
                 RunOutcome::Ended(exit) => {
                     self.fd.set_kvm_immediate_exit(0);
-                    return Err(format!("the vCPU ended while saving: {exit}"));
+                    let why = format!("the VM ended while its state was saved: {exit}");
+                    self.exit.report(exit);
+                    return Err(why);
                 }
             }
         }
@@ -347,7 +371,18 @@ impl Vcpu {
         }
         self.control.register_current();
         let control = self.control.clone();
-        while control.checkpoint(self.index, || self.save_state()) {
+        let save = |v: &mut Self| {
+            // A device model that panics while a pending exit completes ends the VM.
+            std::panic::catch_unwind(AssertUnwindSafe(|| v.save_state())).unwrap_or_else(|p| {
+                let message = format!("a device panicked: {}", panic_message(&*p));
+                v.exit.report(VmExit::VcpuError {
+                    vcpu: v.index,
+                    message: message.clone(),
+                });
+                Err(message)
+            })
+        };
+        while control.checkpoint(self.index, || save(&mut self)) {
             // A device model that panics on this thread must end the VM, not only the vCPU.
             let exit = match std::panic::catch_unwind(AssertUnwindSafe(|| self.run_once())) {
                 Ok(RunOutcome::Handled | RunOutcome::Interrupted) => continue,
@@ -470,6 +505,29 @@ impl Vcpu {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_save_that_a_vcpu_never_answers_ends_at_its_deadline() {
+        install_kick_handler().unwrap();
+        let c = Arc::new(VcpuControl::new());
+        let c2 = c.clone();
+        let (registered_tx, registered) = std::sync::mpsc::channel();
+        let (stop_tx, stop) = std::sync::mpsc::channel::<()>();
+        // A stand-in vCPU that never reaches its checkpoint (stuck in a device, say).
+        let t = std::thread::spawn(move || {
+            c2.register_current();
+            registered_tx.send(()).unwrap();
+            let _ = stop.recv();
+            c2.unregister_current();
+        });
+        registered.recv().unwrap();
+        let started = Instant::now();
+        let e = c.save_states(1, Duration::from_millis(200)).unwrap_err();
+        assert!(e.contains("did not all park"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        stop_tx.send(()).unwrap();
+        t.join().unwrap();
+    }
 
     #[test]
     fn pause_parks_and_resume_releases() {

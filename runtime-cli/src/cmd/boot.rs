@@ -63,6 +63,10 @@ pub fn run(cli: &Cli, args: &BootArgs) -> anyhow::Result<()> {
         let saved = vm.snapshot(dir, shape);
         vm.handle().stop();
         vm.wait();
+        if saved.is_err() {
+            // Nothing of a failed snapshot stays (its files are gone already).
+            let _ = std::fs::remove_dir(dir);
+        }
         saved?;
         return Ok(());
     }

@@ -7,6 +7,31 @@ use vmm::{HostProfile, VmConfig};
 
 use crate::cli::{Cli, Format, TemplateCommand};
 
+/// The build lock the runvm that started this one handed over as descriptor `fd`: it must
+/// be the store's lock file, held; it is not passed on to anything this process runs.
+fn handed_lock(
+    store: &runtime_cli::template::TemplateStore,
+    fd: i32,
+) -> anyhow::Result<std::fs::File> {
+    use std::os::fd::BorrowedFd;
+    // SAFETY: only borrowed to duplicate it; a descriptor that is not open fails below.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    let file = std::fs::File::from(
+        rustix::io::fcntl_dupfd_cloexec(borrowed, 0)
+            .map_err(|e| anyhow::anyhow!("--lock-fd {fd}: {e}"))?,
+    );
+    // SAFETY: `fd` was handed to this process for this use only; the duplicate above
+    // holds the same lock, so the original is closed.
+    unsafe { libc::close(fd) };
+    if !store.is_build_lock(&file) {
+        bail!(
+            "--lock-fd {fd} is not the build lock of {}",
+            store.dir().display()
+        );
+    }
+    Ok(file)
+}
+
 pub fn run(cli: &Cli, command: &TemplateCommand) -> anyhow::Result<()> {
     let store = cli.globals.template_store();
     match command {
@@ -20,11 +45,7 @@ pub fn run(cli: &Cli, command: &TemplateCommand) -> anyhow::Result<()> {
             config.cmdline = a.kernel_params.clone();
             config.seccomp = cli.globals.seccomp.mode();
             config.validate()?;
-            // SAFETY: the runvm that started this one passes the build lock's descriptor
-            // under this number, for nothing else.
-            let lock = a
-                .lock_fd
-                .map(|fd| unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+            let lock = a.lock_fd.map(|fd| handed_lock(&store, fd)).transpose()?;
             match build::make(&store, config, HostProfile::detect(), lock)? {
                 Built::Made(key) => println!("{key}"),
                 Built::Existing(key) => {

@@ -3,7 +3,7 @@
 //! report over a pipe, the recorded state, the create-time hooks and the pid file. Any
 //! failure kills the VMM and removes the state directory.
 
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -22,8 +22,6 @@ use super::{io_err, Globals, LifecycleError};
 
 /// The descriptor the VMM reports readiness on.
 const READY_FD: i32 = 3;
-/// close_range(2)'s flag: mark close-on-exec instead of closing.
-const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
 /// How long a VMM that must go may take to end.
 pub(super) const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -124,24 +122,36 @@ pub fn check(g: &Globals, o: &CreateOptions, own_tty: bool) -> Result<Checked, L
     })
 }
 
-/// With templates on and none for this container's VM shape, starts making one in the
-/// background (this container's VM boots meanwhile); nothing when one is being made.
-pub(super) fn template_later(g: &Globals, c: &Checked) {
-    let Some(dir) = g.templates_for(&c.plan) else {
+/// After the container's VM is up: a template its VMM refused (or could not restore) is
+/// moved aside; when the VM's shape has no template, none is being made and none failed
+/// lately, a builder starts in the background. Later containers of the shape restore it.
+pub(super) fn template_after_vm(g: &Globals, plan: &Plan, assets: &Assets, dir: &StateDir) {
+    let Some(store_dir) = g.templates_for(plan) else {
         return;
     };
-    let config = c.plan.vm_config(&c.assets, vmm::ConsoleOutput::Sink);
+    let config = plan.vm_config(assets, vmm::ConsoleOutput::Sink);
     let Ok(shape) = crate::sandbox::shape(&config, &vmm::HostProfile::detect(), true) else {
         return;
     };
-    let store = crate::template::TemplateStore::new(dir);
-    if store.has(&shape) {
+    let key = shape.key();
+    let store = crate::template::TemplateStore::new(store_dir);
+    let refused = dir.file(crate::state::files::TEMPLATE_REFUSED);
+    if refused.exists() {
+        let _ = std::fs::remove_file(&refused);
+        if let Err(e) = store.quarantine(&key) {
+            log::warn!("templates: {e}");
+        }
+    } else if store.has(&shape) {
+        store.touch(&key);
+        return;
+    }
+    if store.failed_recently(&key) {
         return;
     }
     match store.ensure().and_then(|()| store.try_lock_builds()) {
         Ok(Some(lock)) => {
-            log::debug!("making template {} in the background", shape.key());
-            let flags = g.template_builder_args(&c.assets);
+            log::debug!("making template {key} in the background");
+            let flags = g.template_builder_args(assets);
             crate::template::build::spawn_background(&store, flags, &config, lock);
         }
         Ok(None) => {}
@@ -170,7 +180,6 @@ fn own_network_is_none(plan: &mut Plan, id: &str) -> Result<(), LifecycleError> 
 /// Creates the container: returns once its VM runs and its process waits for `start`.
 pub fn create(g: &Globals, o: &CreateOptions) -> Result<(), LifecycleError> {
     let c = check(g, o, false)?;
-    template_later(g, &c);
     c.dir.create()?;
     let result = create_checked(g, o, &c);
     if result.is_err() {
@@ -184,6 +193,7 @@ pub fn create(g: &Globals, o: &CreateOptions) -> Result<(), LifecycleError> {
 fn create_checked(g: &Globals, o: &CreateOptions, c: &Checked) -> Result<(), LifecycleError> {
     let _lock = c.dir.lock()?;
     let pid = spawn_vmm(g, o, &c.assets)?;
+    template_after_vm(g, &c.plan, &c.assets, &c.dir);
     let mut container = record(c, pid, false)?;
     let json = container.state_json();
     let hooks = c.bundle.spec.hooks().as_ref();
@@ -270,32 +280,8 @@ fn spawn_vmm(g: &Globals, o: &CreateOptions, assets: &Assets) -> Result<i32, Lif
     let (ready, ready_w) = ReadyReader::pipe().map_err(LifecycleError::Spawn)?;
     let raw = ready_w.as_raw_fd();
     let mut cmd = vmm_command(g, o, assets)?;
-    let child_setup = move || {
-        nix::unistd::setsid()?;
-        // SAFETY: `raw` is the pipe's write end, open in this child until exec.
-        let ready = unsafe { BorrowedFd::borrow_raw(raw) };
-        if raw == READY_FD {
-            // dup2 onto itself would keep close-on-exec: clear it instead.
-            let flags = nix::fcntl::FdFlag::empty();
-            nix::fcntl::fcntl(ready, nix::fcntl::FcntlArg::F_SETFD(flags))?;
-        } else {
-            // SAFETY: descriptor 3 belongs to nothing else in this child; it must stay
-            // open across exec, so the returned owner is forgotten, not dropped.
-            std::mem::forget(unsafe { nix::unistd::dup2_raw(ready, READY_FD) }?);
-        }
-        // Descriptors the caller let runvm inherit are not the VMM's: none crosses exec.
-        // Neither nix nor rustix wraps close_range(2) (Linux 5.11; older kernels keep them).
-        // SAFETY: only sets close-on-exec on descriptors of this child.
-        unsafe {
-            libc::syscall(
-                libc::SYS_close_range,
-                READY_FD + 1,
-                u32::MAX,
-                CLOSE_RANGE_CLOEXEC,
-            )
-        };
-        Ok(())
-    };
+    // Descriptors the caller let runvm inherit are not the VMM's: none crosses exec.
+    let child_setup = move || crate::util::detach_child(raw, READY_FD);
     // SAFETY: between fork and exec the hook only makes system calls on the child's own
     // session and descriptor table.
     unsafe { cmd.pre_exec(child_setup) };

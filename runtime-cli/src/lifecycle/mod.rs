@@ -62,7 +62,7 @@ pub struct Globals {
         env = "RUNVM_TEMPLATES"
     )]
     pub templates: TemplatesFlag,
-    /// Where templates live (default: <root>/templates).
+    /// Where templates live (default: <root>/.templates).
     #[arg(long, global = true, env = "RUNVM_TEMPLATE_DIR")]
     pub template_dir: Option<PathBuf>,
 }
@@ -108,7 +108,7 @@ impl Globals {
         crate::template::TemplateStore::new(
             self.template_dir
                 .clone()
-                .unwrap_or_else(|| self.root.join("templates")),
+                .unwrap_or_else(|| self.root.join(".templates")),
         )
     }
 
@@ -122,10 +122,12 @@ impl Globals {
     /// The flags of a `runvm template create` for a container with `assets`: the assets
     /// and the seccomp mode, nothing of the container (not its root or log).
     pub fn template_builder_args(&self, assets: &crate::assets::Assets) -> Vec<std::ffi::OsString> {
+        // The builder runs in /: relative paths would name other files there.
+        let absolute = |p: &std::path::Path| std::path::absolute(p).unwrap_or_else(|_| p.into());
         let mut v: Vec<std::ffi::OsString> = vec!["--kernel".into()];
-        v.push(assets.kernel.clone().into());
+        v.push(absolute(&assets.kernel).into());
         v.push("--initrd".into());
-        v.push(assets.initrd.clone().into());
+        v.push(absolute(&assets.initrd).into());
         v.push("--seccomp".into());
         v.push(self.seccomp.as_arg().into());
         v

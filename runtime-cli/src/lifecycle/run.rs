@@ -31,15 +31,17 @@ pub fn run_foreground(g: &Globals, o: &CreateOptions, keep: bool) -> Result<i32,
     // In the foreground a terminal can be the caller's own.
     let own_tty = o.console_socket.is_none() && std::io::stdin().is_terminal();
     let c = check(g, o, own_tty)?;
-    super::create::template_later(g, &c);
     c.dir.create()?;
     let dir = c.dir.clone();
+    let (plan, assets) = (c.plan.clone(), c.assets.clone());
     let cgroup = c.plan.cgroups_path.clone();
     let before = crate::cgroup::Membership::current();
     let result = foreground(g, o, c, own_tty, keep);
     // This process was the VMM: back out of the container's cgroup, which goes with the
     // container (or with `delete` when it is kept).
     before.restore();
+    // Out of the container's cgroup, a template builder this starts outlives it.
+    super::create::template_after_vm(g, &plan, &assets, &dir);
     if !keep || result.is_err() {
         crate::cgroup::remove(&cgroup, g.systemd_cgroup, &o.id);
         let _ = dir.remove();

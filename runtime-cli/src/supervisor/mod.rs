@@ -12,6 +12,7 @@ mod jail;
 mod namespaces;
 mod network;
 mod privileges;
+mod templates;
 mod terminal;
 
 use std::fs::File;
@@ -220,7 +221,7 @@ pub fn prepare(cfg: &SupervisorConfig) -> Result<Prepared, SupervisorError> {
     vm_config.seccomp = cfg.seccomp;
     let profile = vmm::HostProfile::detect();
     // Opened before the jail: the VM maps the template's memory file later.
-    let template = find_template(cfg, &vm_config, &profile);
+    let template = templates::find(cfg, &vm_config, &profile);
     // Nothing from here on needs more of root; no thread exists yet, so all inherit this.
     if cfg.shed_privileges {
         let mut files = vec![vm_config.kernel.as_path()];
@@ -256,15 +257,15 @@ pub fn prepare(cfg: &SupervisorConfig) -> Result<Prepared, SupervisorError> {
         share: Some(&share_dir),
         ready_timeout: READY_TIMEOUT,
         template,
+        identity: Some(hostname.map(str::to_string)),
     };
     let sandbox = Sandbox::launch(launch, move |vm| s.stopper.attach(vm))?;
+    if let (_, Some(why)) = sandbox.origin() {
+        templates::note_refused(cfg, why);
+    }
     let _ = shared.client.set(sandbox.client().clone());
     let _ = shared.net.set(sandbox.net());
-    let prepared = sandbox
-        .adopt(hostname, AGENT_CALL_TIMEOUT)
-        .map_err(SupervisorError::from)
-        .and_then(|()| create_init(cfg, sandbox.client(), tty.as_ref()));
-    match prepared {
+    match create_init(cfg, sandbox.client(), tty.as_ref()) {
         Ok((control, relay)) => Ok(Prepared {
             sandbox,
             control,
@@ -278,36 +279,6 @@ pub fn prepare(cfg: &SupervisorConfig) -> Result<Prepared, SupervisorError> {
                 t.restore();
             }
             Err(e)
-        }
-    }
-}
-
-/// The template of this container's VM shape, when templates are on and a usable one
-/// exists. A refused one is logged: the VM boots instead.
-fn find_template(
-    cfg: &SupervisorConfig,
-    config: &vmm::VmConfig,
-    profile: &vmm::HostProfile,
-) -> Option<vmm::snapshot::Snapshot> {
-    let store = crate::template::TemplateStore::new(cfg.templates.as_ref()?);
-    let found = crate::sandbox::shape(config, profile, true)
-        .map_err(|e| e.to_string())
-        .and_then(|shape| store.load(&shape).map_err(|e| e.to_string()));
-    match found {
-        Ok(Some(t)) => Some(t),
-        Ok(None) => {
-            log::info!(
-                "container {}: no template of its VM's shape yet",
-                cfg.state.id
-            );
-            None
-        }
-        Err(e) => {
-            log::warn!(
-                "container {}: template refused ({e}): booting instead",
-                cfg.state.id
-            );
-            None
         }
     }
 }

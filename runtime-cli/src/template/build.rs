@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use vmm::{ConsoleOutput, HostProfile, VmConfig};
 
-use super::{io_err, TemplateError, TemplateStore, BUILD_PREFIX};
+use super::{io_err, TemplateError, TemplateStore, BAD_PREFIX, BUILD_PREFIX};
 use crate::sandbox::{self, Launch, Sandbox};
 
 /// The log of background builds, in the store.
@@ -60,18 +60,43 @@ pub fn make(
         Ok(None) => {}
         Err(e) => {
             log::warn!("template {key} is replaced: {e}");
-            store.remove(&key)?;
+            store.quarantine(&key)?;
         }
     }
-    remove_stale_builds(store);
+    remove_leftovers(store);
+    let result = store
+        .check_space(config.mem_mib)
+        .and_then(|()| build_into(store, &key, config, profile, &shape));
+    match &result {
+        Ok(()) => {
+            store.clear_failure(&key);
+            store.evict(super::MAX_TEMPLATES);
+        }
+        Err(e) => store.record_failure(&key, &crate::logging::error_line(e)),
+    }
+    result.map(|()| Built::Made(key))
+}
+
+/// Builds the template in a work directory of the store and renames it into place.
+fn build_into(
+    store: &TemplateStore,
+    key: &str,
+    config: VmConfig,
+    profile: HostProfile,
+    shape: &vmm::snapshot::Shape,
+) -> Result<(), TemplateError> {
     let work = store
         .dir()
         .join(format!("{BUILD_PREFIX}{key}-{}", std::process::id()));
-    let result = build_in(&work, config, profile, &shape).and_then(|snap| {
-        std::fs::rename(&snap, store.path(&key)).map_err(io_err("placing", &snap))
+    let result = build_in(&work, config, profile, shape).and_then(|snap| {
+        std::fs::rename(&snap, store.path(key)).map_err(io_err("placing", &snap))?;
+        // The rename itself must reach the disk before the template counts as made.
+        File::open(store.dir())
+            .and_then(|d| d.sync_all())
+            .map_err(io_err("syncing", store.dir()))
     });
     let _ = std::fs::remove_dir_all(&work);
-    result.map(|()| Built::Made(key))
+    result
 }
 
 fn private_dir(path: &Path) -> Result<(), TemplateError> {
@@ -99,6 +124,7 @@ fn build_in(
         share: Some(&share),
         ready_timeout: READY_TIMEOUT,
         template: None,
+        identity: None,
     };
     let vm = Sandbox::launch(launch, |_| {})?;
     let snap = work.join("snapshot");
@@ -108,13 +134,18 @@ fn build_in(
     saved.map(|()| snap)
 }
 
-/// Removes what builds that died left (their process is gone).
-fn remove_stale_builds(store: &TemplateStore) {
+/// Removes what builds that died left (their process is gone) and templates moved aside
+/// (VMs that map one keep its pages).
+fn remove_leftovers(store: &TemplateStore) {
     let Ok(entries) = std::fs::read_dir(store.dir()) else {
         return;
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(BAD_PREFIX) {
+            let _ = std::fs::remove_dir_all(entry.path());
+            continue;
+        }
         let Some(pid) = name
             .strip_prefix(BUILD_PREFIX)
             .and_then(|rest| rest.rsplit('-').next())
@@ -164,9 +195,10 @@ pub fn spawn_background(
         .arg(config.mem_mib.to_string())
         .arg("--vcpus")
         .arg(config.vcpus.to_string())
-        .arg("--kernel-params")
-        .arg(&config.cmdline)
+        // One word: parameters that start with '-' are not flags.
+        .arg(format!("--kernel-params={}", config.cmdline))
         .args(["--lock-fd", &LOCK_FD.to_string()])
+        .current_dir("/")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
@@ -182,23 +214,10 @@ pub fn spawn_background(
             // SAFETY: _exit ends the intermediate child without running anything else.
             _ => unsafe { libc::_exit(0) },
         }
-        nix::unistd::setsid()?;
-        // SAFETY: `raw` is the lock file, open in this child; LOCK_FD belongs to nothing
-        // else here. A copy dup2 makes stays open across exec; the descriptor itself,
-        // when it already is LOCK_FD, needs close-on-exec cleared instead.
-        let r = unsafe {
-            if raw == LOCK_FD {
-                libc::fcntl(raw, libc::F_SETFD, 0)
-            } else {
-                libc::dup2(raw, LOCK_FD)
-            }
-        };
-        if r < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(())
+        // Its own session, the lock at LOCK_FD, nothing else of this process's.
+        crate::util::detach_child(raw, LOCK_FD)
     };
-    // SAFETY: the hook only forks, calls setsid, dup2 and _exit.
+    // SAFETY: the hook only forks, calls _exit, setsid, dup2, fcntl and close_range.
     unsafe { cmd.pre_exec(detach) };
     match cmd.spawn() {
         Ok(mut child) => {

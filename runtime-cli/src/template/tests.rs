@@ -110,3 +110,61 @@ fn one_build_at_a_time() {
     assert_eq!(mode & 0o077, 0, "the lock file is private too");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn refused_templates_move_aside_failed_builds_back_off_and_old_ones_go() {
+    let dir = scratch("aside");
+    let store = TemplateStore::new(&dir);
+    store.ensure().unwrap();
+    let shape = shape();
+    let key = shape.key();
+    fake_template(&store, &shape);
+    store.quarantine(&key).unwrap();
+    assert!(!store.has(&shape));
+    assert!(store.load(&shape).unwrap().is_none());
+    store.quarantine(&key).unwrap();
+
+    assert!(!store.failed_recently(&key));
+    store.record_failure(&key, "no space");
+    assert!(store.failed_recently(&key));
+    store.clear_failure(&key);
+    assert!(!store.failed_recently(&key));
+
+    // Eviction keeps the most recently used.
+    let now = std::time::SystemTime::now();
+    for (i, k) in ["k0", "k1", "k2"].iter().enumerate() {
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(store.path(k))
+            .unwrap();
+        let d = File::open(store.path(k)).unwrap();
+        d.set_modified(now - Duration::from_secs(100 * (3 - i as u64)))
+            .unwrap();
+    }
+    store.touch("k0");
+    store.evict(2);
+    let left: Vec<String> = store.list().unwrap().into_iter().map(|t| t.key).collect();
+    assert_eq!(left, ["k0", "k2"]);
+    assert!(store.check_space(1).is_ok());
+    assert!(matches!(
+        store.check_space(u64::MAX >> 21),
+        Err(TemplateError::NoSpace { .. })
+    ));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn only_the_stores_held_lock_is_taken_from_a_descriptor() {
+    let dir = scratch("handed");
+    let store = TemplateStore::new(&dir);
+    store.ensure().unwrap();
+    let held = store.try_lock_builds().unwrap().unwrap();
+    assert!(store.is_build_lock(&held));
+    let other = File::open(std::env::current_exe().unwrap()).unwrap();
+    assert!(!store.is_build_lock(&other));
+    // The lock file opened again, but not holding the lock: someone else holds it.
+    let unheld = File::open(dir.join(LOCK_FILE)).unwrap();
+    assert!(!store.is_build_lock(&unheld));
+    drop(held);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

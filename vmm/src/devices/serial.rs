@@ -197,6 +197,17 @@ impl SerialDevice {
             .map_err(|e| format!("serial state: {e:?}"))
     }
 
+    /// Raises the interrupt line again if the UART has an interrupt pending (after a
+    /// restore has set the interrupt controllers' state, which a raise made before would
+    /// not survive).
+    pub fn reassert_interrupt(&self) -> std::io::Result<()> {
+        // IIR bit 0 clear: an interrupt is pending.
+        if self.uart.state().interrupt_identification & 0x01 == 0 {
+            self.uart.interrupt_evt().raise()?;
+        }
+        Ok(())
+    }
+
     /// The UART's state.
     pub fn state(&self) -> SerialState {
         let u = self.uart.state();

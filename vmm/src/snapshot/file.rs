@@ -5,6 +5,7 @@
 //! shape before anything is parsed further or mapped, so a truncated, corrupted,
 //! mismatched or foreign file is refused as a whole and nothing is half-restored.
 
+use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -36,8 +37,19 @@ fn hex_digest(data: &[u8]) -> String {
 
 /// Writes the snapshot of a VM into `dir` (which exists and holds no snapshot): the
 /// memory file first, then the state file that refers to it. `state.regions` and
-/// `state.memory_id` are filled here.
-pub fn save(dir: &Path, mut state: VmState, mem: &GuestMemory) -> Result<(), SnapshotError> {
+/// `state.memory_id` are filled here. A failure (a full disk, say) removes what was
+/// written.
+pub fn save(dir: &Path, state: VmState, mem: &GuestMemory) -> Result<(), SnapshotError> {
+    let result = write_files(dir, state, mem);
+    if result.is_err() {
+        for name in [STATE_FILE, MEMORY_FILE] {
+            let _ = std::fs::remove_file(dir.join(name));
+        }
+    }
+    result
+}
+
+fn write_files(dir: &Path, mut state: VmState, mem: &GuestMemory) -> Result<(), SnapshotError> {
     state.memory_id = super::random_id().map_err(SnapshotError::io("randomness for", dir))?;
     state.regions = memory::save(mem, &dir.join(MEMORY_FILE), &state.memory_id)?;
     let path = dir.join(STATE_FILE);
@@ -75,16 +87,32 @@ pub struct Snapshot {
 /// Loads the snapshot in `dir` for a VM of shape `wanted`: the state file whole and
 /// intact, of this format and this shape, and the memory file that belongs to it.
 pub fn load(dir: &Path, wanted: &Shape) -> Result<Snapshot, SnapshotError> {
-    let path = dir.join(STATE_FILE);
-    let state = read_state(&path)?;
+    let state = open_regular(&dir.join(STATE_FILE))?;
+    let memory = open_regular(&dir.join(MEMORY_FILE))?;
+    load_files(dir, state, memory, wanted)
+}
+
+/// [`load`] from the two files, already opened (by a caller that checked who owns them);
+/// `dir` names the snapshot in errors.
+pub fn load_files(
+    dir: &Path,
+    state: File,
+    memory: File,
+    wanted: &Shape,
+) -> Result<Snapshot, SnapshotError> {
+    let state = read_state_from(&dir.join(STATE_FILE), state)?;
     if &state.shape != wanted {
         return Err(SnapshotError::ShapeMismatch {
             path: dir.to_path_buf(),
-            saved: state.shape.key(),
-            wanted: wanted.key(),
+            differs: state.shape.differences(wanted).join(", "),
         });
     }
-    let memory = MemoryFile::open(&dir.join(MEMORY_FILE), &state.memory_id, &state.regions)?;
+    let memory = MemoryFile::from_file(
+        &dir.join(MEMORY_FILE),
+        memory,
+        &state.memory_id,
+        &state.regions,
+    )?;
     Ok(Snapshot {
         dir: dir.to_path_buf(),
         state,
@@ -92,13 +120,27 @@ pub fn load(dir: &Path, wanted: &Shape) -> Result<Snapshot, SnapshotError> {
     })
 }
 
-/// Reads and checks a state file.
-pub fn read_state(path: &Path) -> Result<VmState, SnapshotError> {
+/// Opens a snapshot file for reading: never through a symbolic link, never blocking (on a
+/// FIFO), and only a regular file.
+pub fn open_regular(path: &Path) -> Result<File, SnapshotError> {
     let f = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
         .open(path)
         .map_err(SnapshotError::io("opening", path))?;
+    let meta = f.metadata().map_err(SnapshotError::io("reading", path))?;
+    if !meta.is_file() {
+        return Err(SnapshotError::invalid(path, "not a regular file"));
+    }
+    Ok(f)
+}
+
+/// Reads and checks a state file.
+pub fn read_state(path: &Path) -> Result<VmState, SnapshotError> {
+    read_state_from(path, open_regular(path)?)
+}
+
+fn read_state_from(path: &Path, f: File) -> Result<VmState, SnapshotError> {
     let mut data = Vec::new();
     std::io::Read::read_to_end(&mut std::io::Read::take(f, MAX_STATE_LEN + 1), &mut data)
         .map_err(SnapshotError::io("reading", path))?;

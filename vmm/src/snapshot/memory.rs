@@ -109,12 +109,17 @@ impl MemoryFile {
     /// Opens `path` and checks it belongs to the state with `id` and `regions`: header,
     /// format, id, and a size that covers every region.
     pub fn open(path: &Path, id: &str, regions: &[RegionState]) -> Result<Self, SnapshotError> {
+        Self::from_file(path, super::file::open_regular(path)?, id, regions)
+    }
+
+    /// [`MemoryFile::open`] of a file already opened; `path` names it in errors.
+    pub fn from_file(
+        path: &Path,
+        mut file: File,
+        id: &str,
+        regions: &[RegionState],
+    ) -> Result<Self, SnapshotError> {
         let io = |what| SnapshotError::io(what, path);
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(path)
-            .map_err(io("opening"))?;
         let mut h = vec![0u8; HEADER_LEN as usize];
         file.read_exact(&mut h)
             .map_err(|_| SnapshotError::invalid(path, "the memory file has no header"))?;

@@ -44,12 +44,8 @@ pub enum SnapshotError {
     },
     #[error("snapshot {path} is not usable: {reason}")]
     Invalid { path: PathBuf, reason: String },
-    #[error("snapshot {path} is of another VM shape (saved for {saved}, wanted {wanted})")]
-    ShapeMismatch {
-        path: PathBuf,
-        saved: String,
-        wanted: String,
-    },
+    #[error("snapshot {path} is of another VM shape ({differs} differ)")]
+    ShapeMismatch { path: PathBuf, differs: String },
     #[error("KVM {what}: {source}")]
     Kvm {
         what: String,
@@ -110,6 +106,10 @@ pub struct Shape {
     pub vmm_binary: Option<FileIdentity>,
     /// The host profile (what it adds to the command line, how many vCPUs it allows).
     pub host: String,
+    /// The host's kernel and what its KVM offers a vCPU (CPUID, MSRs), hashed: a
+    /// snapshot restores the CPUID and registers it saved, which another host (or this one
+    /// after an update) may not support.
+    pub host_cpu: String,
     pub kernel: FileIdentity,
     pub initrd: Option<FileIdentity>,
     /// The command line runvm's own switches are appended to.
@@ -132,6 +132,8 @@ impl Shape {
             vmm: format!("{} {}", env!("CARGO_PKG_NAME"), env!("CARGO_PKG_VERSION")),
             vmm_binary: binary,
             host: profile.describe(),
+            // Without KVM no VM runs: the shape then names only that.
+            host_cpu: host_cpu().unwrap_or_else(|e| format!("no KVM: {e}")),
             kernel: FileIdentity::of(&config.kernel)?,
             initrd: config.initrd.as_deref().map(FileIdentity::of).transpose()?,
             cmdline: config.cmdline.clone(),
@@ -141,12 +143,74 @@ impl Shape {
         })
     }
 
+    /// The parts in which `other` differs from this shape.
+    pub fn differences(&self, other: &Shape) -> Vec<&'static str> {
+        let mut d = Vec::new();
+        let mut check = |differs: bool, what: &'static str| {
+            if differs {
+                d.push(what);
+            }
+        };
+        check(self.format != other.format, "format");
+        check(
+            self.vmm != other.vmm || self.vmm_binary != other.vmm_binary,
+            "runvm binary",
+        );
+        check(self.host != other.host, "host profile");
+        check(self.host_cpu != other.host_cpu, "host CPU or KVM");
+        check(self.kernel != other.kernel, "kernel");
+        check(self.initrd != other.initrd, "initramfs");
+        check(self.cmdline != other.cmdline, "kernel parameters");
+        check(self.mem_mib != other.mem_mib, "memory");
+        check(self.vcpus != other.vcpus, "vCPUs");
+        check(self.devices != other.devices, "devices");
+        d
+    }
+
     /// A short name for this shape: the first 128 bits of the SHA-256 of its JSON, in hex.
     pub fn key(&self) -> String {
         let json = serde_json::to_vec(self).unwrap_or_default();
         let digest = Sha256::digest(&json);
         digest[..16].iter().map(|b| format!("{b:02x}")).collect()
     }
+}
+
+/// A hash of the host kernel's release and of the CPUID and MSR list its KVM supports.
+fn host_cpu() -> std::io::Result<String> {
+    let kvm = kvm_ioctls::Kvm::new().map_err(std::io::Error::from)?;
+    let cpuid = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(std::io::Error::from)?;
+    let msrs = kvm.get_msr_index_list().map_err(std::io::Error::from)?;
+    let mut h = Sha256::new();
+    // SAFETY: an all-zero utsname is valid for uname to fill.
+    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: uname writes into the struct it is given.
+    if unsafe { libc::uname(&mut uts) } == 0 {
+        let release: Vec<u8> = uts.release.iter().map(|&c| c as u8).collect();
+        h.update(&release);
+    }
+    for e in cpuid.as_slice() {
+        // KVM fills in the APIC id of the host CPU that answered: not a feature.
+        let (mut eax, mut ebx, mut edx) = (e.eax, e.ebx, e.edx);
+        match e.function {
+            0x1 => ebx &= 0x00ff_ffff,
+            0xb | 0x1f => edx = 0,
+            0x8000_001e => eax = 0,
+            _ => {}
+        }
+        let words = [e.function, e.index, e.flags, eax, ebx, e.ecx, edx];
+        for w in words {
+            h.update(w.to_le_bytes());
+        }
+    }
+    for m in msrs.as_slice() {
+        h.update(m.to_le_bytes());
+    }
+    Ok(h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 /// Where one region of guest RAM lies in the guest and in the memory file.
@@ -233,6 +297,31 @@ mod tests {
             base.key(),
             Shape::of(&c, &profile, &[19, 1, 26]).unwrap().key()
         );
+    }
+
+    #[test]
+    fn the_host_cpu_part_is_the_same_on_every_host_cpu() {
+        use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+        use nix::unistd::Pid;
+        let Ok(here) = host_cpu() else {
+            return; // no KVM here: nothing to compare
+        };
+        let allowed = sched_getaffinity(Pid::from_raw(0)).unwrap();
+        let cpus: Vec<usize> = (0..CpuSet::count())
+            .filter(|&c| allowed.is_set(c).unwrap_or(false))
+            .take(8)
+            .collect();
+        for cpu in cpus {
+            let on_cpu = std::thread::spawn(move || {
+                let mut set = CpuSet::new();
+                set.set(cpu).unwrap();
+                sched_setaffinity(Pid::from_raw(0), &set).unwrap();
+                host_cpu().unwrap()
+            })
+            .join()
+            .unwrap();
+            assert_eq!(on_cpu, here, "on CPU {cpu}");
+        }
     }
 
     #[test]

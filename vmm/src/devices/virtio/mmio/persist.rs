@@ -81,6 +81,15 @@ impl MmioTransport {
         self.config_generation = s.config_generation;
         self.broken = s.broken;
         self.interrupt.set_status(s.interrupt_status);
+        // An interrupt raised while the snapshot was taken may sit in interrupt
+        // controller state saved before it: raise it again (the driver reads the status
+        // register, so a spurious one is harmless).
+        if s.interrupt_status != 0 {
+            self.interrupt
+                .line()
+                .raise()
+                .map_err(|e| fail(format!("raising its interrupt: {e}")))?;
+        }
         if s.status & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
             dev.ack_features(s.driver_features);
         }

@@ -113,8 +113,6 @@ fn main() {
             .args(["template", "create"]);
         c
     });
-    let bundle = TestBundle::new("bench-tpl", &["true"]);
-    let b = bundle.path().to_string_lossy().into_owned();
     let roots = TempDir::new("bench-tpl-roots");
     let r = |name: &str| roots.path().join(name);
     let cold = runtime(&runvm, &r("cold"), &["--templates", "off"]);
@@ -124,6 +122,28 @@ fn main() {
         &["--template-dir", store.to_str().unwrap()],
     );
     let runc = runtime(Path::new("runc"), &r("runc"), &[]);
+    let host = vmm::host_profile::HostProfile::detect().describe();
+    println!("templates benchmark, {runs} runs each, medians; host: {host}");
+    println!("template made in {:.1} s", made.0 / 1e3);
+    run_true(runs, [&cold, &warm, &runc]);
+    docker(runs);
+    let sleeper = TestBundle::new("bench-tpl-sleep", &["sleep", "600"]);
+    let s = sleeper.path().to_string_lossy().into_owned();
+    println!("{n} containers back to back");
+    println!(
+        "{:<16} {:>16} {:>20}",
+        "runtime", "wall (s)", "total PSS (MiB)"
+    );
+    for (name, base) in [("runvm template", &warm), ("runc", &runc)] {
+        let (wall, pss) = back_to_back(base, &s, n, "b2b");
+        println!("{name:<16} {wall:>16.1} {pss:>20.1}");
+    }
+}
+
+/// `run true` booting cold, from a template, and with runc: wall time and peak RSS.
+fn run_true(runs: usize, [cold, warm, runc]: [&Command; 3]) {
+    let bundle = TestBundle::new("bench-tpl", &["true"]);
+    let b = bundle.path().to_string_lossy().into_owned();
     let mut rows: Vec<(&str, Vec<(f64, f64)>)> = vec![
         ("runvm cold", vec![]),
         ("runvm template", vec![]),
@@ -131,16 +151,13 @@ fn main() {
     ];
     for i in 0..runs {
         eprintln!("run true {}/{runs}", i + 1);
-        for (row, base) in rows.iter_mut().zip([&cold, &warm, &runc]) {
+        for (row, base) in rows.iter_mut().zip([cold, warm, runc]) {
             row.1.push(measure(with(
                 base,
                 &["run", "--bundle", &b, &format!("rt{i}")],
             )));
         }
     }
-    let host = vmm::host_profile::HostProfile::detect().describe();
-    println!("templates benchmark, {runs} runs each, medians; host: {host}");
-    println!("template made in {:.1} s", made.0 / 1e3);
     println!(
         "{:<16} {:>16} {:>20}",
         "run true", "wall (ms)", "peak RSS (MiB)"
@@ -159,8 +176,12 @@ fn main() {
         med[1] / med[0],
         med[1] / med[2]
     );
+}
 
+/// `docker run --rm IMAGE true` the three ways, on one private dockerd.
+fn docker(runs: usize) {
     let d = Engine::docker().unwrap_or_else(|e| panic!("{e}"));
+    // One unmeasured run each: the first container of a fresh daemon pays for its setup.
     for rt in ["runc", "runvm", "runvm-cold"] {
         d.docker_run_true_ms(rt);
     }
@@ -176,17 +197,4 @@ fn main() {
         dm[1] / dm[0],
         dm[1] / dm[2]
     );
-    drop(d);
-
-    let sleeper = TestBundle::new("bench-tpl-sleep", &["sleep", "600"]);
-    let s = sleeper.path().to_string_lossy().into_owned();
-    println!("{n} containers back to back");
-    println!(
-        "{:<16} {:>16} {:>20}",
-        "runtime", "wall (s)", "total PSS (MiB)"
-    );
-    for (name, base) in [("runvm template", &warm), ("runc", &runc)] {
-        let (wall, pss) = back_to_back(base, &s, n, "b2b");
-        println!("{name:<16} {wall:>16.1} {pss:>20.1}");
-    }
 }

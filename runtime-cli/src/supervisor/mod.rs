@@ -222,17 +222,7 @@ pub fn prepare(cfg: &SupervisorConfig) -> Result<Prepared, SupervisorError> {
     let profile = vmm::HostProfile::detect();
     // Opened before the jail: the VM maps the template's memory file later.
     let template = templates::find(cfg, &vm_config, &profile);
-    // Nothing from here on needs more of root; no thread exists yet, so all inherit this.
-    if cfg.shed_privileges {
-        let mut files = vec![vm_config.kernel.as_path()];
-        files.extend(vm_config.initrd.as_deref());
-        jail::enter(&jail::JailPlan {
-            state_dir: &cfg.state.dir,
-            files,
-        })?;
-        privileges::drop_privileges()?;
-        vmm::seccomp::install(vmm::seccomp::ThreadKind::Supervisor, cfg.seccomp)?;
-    }
+    shed_privileges(cfg, &vm_config)?;
     let shared = Arc::new(Shared {
         client: OnceLock::new(),
         net: OnceLock::new(),
@@ -281,6 +271,23 @@ pub fn prepare(cfg: &SupervisorConfig) -> Result<Prepared, SupervisorError> {
             Err(e)
         }
     }
+}
+
+/// Keeps only what the VMM needs (a detached VMM): its jail, the capabilities of
+/// `privileges`, the supervisor seccomp filter. No thread exists yet, so all inherit it.
+fn shed_privileges(cfg: &SupervisorConfig, vm: &vmm::VmConfig) -> Result<(), SupervisorError> {
+    if !cfg.shed_privileges {
+        return Ok(());
+    }
+    let mut files = vec![vm.kernel.as_path()];
+    files.extend(vm.initrd.as_deref());
+    jail::enter(&jail::JailPlan {
+        state_dir: &cfg.state.dir,
+        files,
+    })?;
+    privileges::drop_privileges()?;
+    vmm::seccomp::install(vmm::seccomp::ThreadKind::Supervisor, cfg.seccomp)?;
+    Ok(())
 }
 
 /// The signal thread's work: resizes for SIGWINCH, a stop before the process runs, the

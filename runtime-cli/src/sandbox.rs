@@ -151,7 +151,6 @@ impl Sandbox {
             let dir = template.dir.clone();
             match Self::restore(&launch, template) {
                 Ok(mut sandbox) => {
-                    log::info!("VM restored from template {}", dir.display());
                     on_running(sandbox.handle());
                     sandbox.restored = true;
                     return Ok(sandbox);
@@ -179,7 +178,10 @@ impl Sandbox {
     /// A VM restored from `template` whose agent took its identity (when asked for); a
     /// VM that does not answer in time is stopped.
     fn restore(launch: &Launch<'_>, template: Snapshot) -> Result<Self, SandboxError> {
+        let dir = template.dir.clone();
+        let started = Instant::now();
         let (vm, attach) = Self::start(launch, Some(template))?;
+        let running = started.elapsed();
         let sandbox = Self::with_agent(vm, attach, launch.vsock, "restored".into());
         if let Some(hostname) = &launch.identity {
             if let Err(e) = sandbox.adopt(hostname.as_deref()) {
@@ -187,6 +189,12 @@ impl Sandbox {
                 return Err(e);
             }
         }
+        log::info!(
+            "VM restored from template {} (running after {} ms, its identity taken {} ms later)",
+            dir.display(),
+            running.as_millis(),
+            (started.elapsed() - running).as_millis()
+        );
         Ok(sandbox)
     }
 

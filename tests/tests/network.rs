@@ -97,7 +97,8 @@ fn udp_listen(net: &TestNet, port: u16) -> std::thread::JoinHandle<String> {
             }
         };
         let _ = tx.send(());
-        sock.set_read_timeout(Some(QUICK)).unwrap();
+        // Bound before the container is created: its VM may still boot for a while.
+        sock.set_read_timeout(Some(T)).unwrap();
         let mut buf = [0u8; 1500];
         match sock.recv(&mut buf) {
             Ok(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),

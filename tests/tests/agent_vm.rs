@@ -7,10 +7,10 @@
 
 use std::io::Read;
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use agent_protocol::ProcessSpec;
-use runtime_cli::agent_client::{start_process, ClientError, Launch};
+use runtime_cli::agent_client::{start_process, AgentClient, ClientError, Launch};
 use runtime_cli::relay::HostIo;
 use runtime_cli::sandbox::Sandbox;
 use runvm_tests::{
@@ -20,6 +20,8 @@ use runvm_tests::{
 use vmm::{HostProfile, VmConfig};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long the steps in one VM may take (a few minutes under software KVM).
+const STEPS_TIMEOUT: Duration = Duration::from_secs(900);
 
 fn unavailable() -> Option<String> {
     vm_test_unavailable()
@@ -95,6 +97,44 @@ fn one_vm_signals_streams_failures_and_register_state() {
     config.initrd = Some(write_initrd(&dir));
     let sandbox = Sandbox::boot(config, dir.path(), READY_TIMEOUT).expect("booting the sandbox");
     let client = sandbox.client().clone();
+    let steps = std::thread::spawn(move || exercise(client));
+    // The steps wait on the agent; a VM that ends under them (or steps that outlast
+    // their deadline) must fail the test at once, not leave it waiting. The VM ends
+    // by itself once the last step shut its agent down: that is not a failure.
+    let handle = sandbox.handle();
+    let deadline = Instant::now() + STEPS_TIMEOUT;
+    let mut ended_at: Option<Instant> = None;
+    while !steps.is_finished() {
+        if handle
+            .wait_ended(Some(Duration::from_millis(200)))
+            .is_some()
+        {
+            ended_at.get_or_insert_with(Instant::now);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let vm_gone = ended_at.is_some_and(|t| t.elapsed() > Duration::from_secs(10));
+        if vm_gone || Instant::now() > deadline {
+            handle.stop();
+            let exit = sandbox.finish(Duration::from_secs(5));
+            let why = if vm_gone {
+                "the VM ended under them"
+            } else {
+                "deadline"
+            };
+            panic!("the steps did not finish ({why}, {STEPS_TIMEOUT:?}): the VM's end: {exit}");
+        }
+    }
+    if let Err(panic) = steps.join() {
+        let _ = sandbox.finish(Duration::ZERO);
+        std::panic::resume_unwind(panic);
+    }
+    let exit = sandbox.finish(Duration::from_secs(30));
+    assert!(exit.is_clean(), "{exit}");
+}
+
+/// Signals, a long stream, a missing program and AVX state, through one agent; ends by
+/// shutting the agent down.
+fn exercise(client: AgentClient) {
     let mut control = client.control().unwrap();
     let capture = |id: &str, args: &[&str], control: &mut runtime_cli::agent_client::Control| {
         let out = Capture::default();
@@ -188,6 +228,4 @@ fn one_vm_signals_streams_failures_and_register_state() {
     }
 
     control.shutdown().unwrap();
-    let exit = sandbox.finish(Duration::from_secs(30));
-    assert!(exit.is_clean(), "{exit}");
 }

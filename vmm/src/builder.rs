@@ -351,7 +351,7 @@ fn legacy_devices(
     let sink = console_sink(console, watch.clone())?;
     let serial = match saved {
         Some(state) => {
-            SerialDevice::from_state(state, com1_irq, sink).map_err(SnapshotError::State)?
+            SerialDevice::from_state(state, com1_irq, sink).map_err(SnapshotError::Serial)?
         }
         None => SerialDevice::new(com1_irq, sink),
     };

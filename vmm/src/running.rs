@@ -149,12 +149,9 @@ impl RunningVm {
     /// queues or writes guest memory in between.
     pub fn snapshot(&self, dir: &Path, shape: &Shape) -> Result<(), SnapshotError> {
         if self.exit.peek().is_some() {
-            return Err(SnapshotError::State("the VM has ended".into()));
+            return Err(SnapshotError::VmEnded);
         }
-        let vcpus = self
-            .control
-            .save_states(self.threads.len(), SAVE_TIMEOUT)
-            .map_err(SnapshotError::State)?;
+        let vcpus = self.control.save_states(self.threads.len(), SAVE_TIMEOUT)?;
         let kvm = VmKvmState::save(self.vm.fd())?;
         let transports: Vec<_> = self.devices.transports.iter().map(|t| lock(t)).collect();
         let models: Vec<_> = transports.iter().map(|t| t.device()).collect();

@@ -29,7 +29,7 @@ use crate::event_loop::panic_message;
 use crate::exit::{ExitNotifier, VmExit};
 use crate::memory::GuestMemory;
 use crate::seccomp::{self, ThreadKind};
-use crate::snapshot::VcpuState;
+use crate::snapshot::{VcpuSaveError, VcpuState};
 use seccompiler::BpfProgram;
 
 /// Offset from SIGRTMIN of the signal that interrupts `KVM_RUN`.
@@ -62,7 +62,7 @@ struct ControlInner {
     parked: usize,
     threads: Vec<Pthread>,
     /// Saved states by vCPU index while a save is asked for (see `save_states`).
-    save: Option<Vec<Option<Result<VcpuState, String>>>>,
+    save: Option<Vec<Option<Result<VcpuState, VcpuSaveError>>>>,
 }
 
 impl VcpuControl {
@@ -106,14 +106,18 @@ impl VcpuControl {
     /// Pauses the vCPUs and has each of the `count` of them save its state; returns the
     /// states in vCPU order, or why they could not be saved within `timeout` (a vCPU that
     /// ended or did not park, an ioctl that failed). The vCPUs stay paused.
-    pub fn save_states(&self, count: usize, timeout: Duration) -> Result<Vec<VcpuState>, String> {
+    pub fn save_states(
+        &self,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<Vec<VcpuState>, VcpuSaveError> {
         let deadline = Instant::now() + timeout;
         self.set(RunState::Paused);
         let mut s = lock(&self.inner);
         let parked = |s: &ControlInner| s.parked >= s.threads.len();
         s = self.wait_until(s, deadline, parked);
         if s.state != RunState::Paused || s.threads.len() != count || !parked(&s) {
-            return Err("the vCPUs did not all park".into());
+            return Err(VcpuSaveError::NotParked(timeout));
         }
         s.save = Some((0..count).map(|_| None).collect());
         self.changed.notify_all();
@@ -128,7 +132,7 @@ impl VcpuControl {
         results
             .into_iter()
             .enumerate()
-            .map(|(i, r)| r.unwrap_or_else(|| Err(format!("vCPU {i} did not save its state"))))
+            .map(|(i, r)| r.unwrap_or(Err(VcpuSaveError::NoAnswer(i))))
             .collect()
     }
 
@@ -180,7 +184,11 @@ impl VcpuControl {
 
     /// Called by vCPU `index` between runs: parks while paused, saving its state with
     /// `save` when asked to; returns false to stop.
-    fn checkpoint(&self, index: u8, mut save: impl FnMut() -> Result<VcpuState, String>) -> bool {
+    fn checkpoint(
+        &self,
+        index: u8,
+        mut save: impl FnMut() -> Result<VcpuState, VcpuSaveError>,
+    ) -> bool {
         let mut s = lock(&self.inner);
         if s.state == RunState::Paused {
             s.parked += 1;
@@ -325,7 +333,7 @@ impl Vcpu {
     /// Completes an I/O exit already handled (KVM finishes the instruction when it is
     /// entered again; `immediate_exit` keeps the guest from running), then reads the
     /// vCPU's state.
-    fn save_state(&mut self) -> Result<VcpuState, String> {
+    fn save_state(&mut self) -> Result<VcpuState, VcpuSaveError> {
         loop {
             self.fd.set_kvm_immediate_exit(1);
             match self.run_once() {
@@ -333,14 +341,22 @@ impl Vcpu {
                 RunOutcome::Handled => continue,
                 RunOutcome::Ended(exit) => {
                     self.fd.set_kvm_immediate_exit(0);
-                    let why = format!("the VM ended while its state was saved: {exit}");
+                    let why = VcpuSaveError::VmEnded {
+                        vcpu: self.index,
+                        exit: exit.to_string(),
+                    };
                     self.exit.report(exit);
                     return Err(why);
                 }
             }
         }
         self.fd.set_kvm_immediate_exit(0);
-        VcpuState::save(&self.fd, self.index, &self.msr_list).map_err(|e| e.to_string())
+        VcpuState::save(&self.fd, self.index, &self.msr_list).map_err(|source| {
+            VcpuSaveError::Read {
+                vcpu: self.index,
+                source: Box::new(source),
+            }
+        })
     }
 
     /// The seccomp filter its thread installs before it first enters the guest.
@@ -379,7 +395,10 @@ impl Vcpu {
                     vcpu: v.index,
                     message: message.clone(),
                 });
-                Err(message)
+                Err(VcpuSaveError::Panicked {
+                    vcpu: v.index,
+                    message,
+                })
             })
         };
         while control.checkpoint(self.index, || save(&mut self)) {
@@ -523,7 +542,7 @@ mod tests {
         registered.recv().unwrap();
         let started = Instant::now();
         let e = c.save_states(1, Duration::from_millis(200)).unwrap_err();
-        assert!(e.contains("did not all park"), "{e}");
+        assert!(matches!(e, VcpuSaveError::NotParked(_)), "{e}");
         assert!(started.elapsed() < Duration::from_secs(5));
         stop_tx.send(()).unwrap();
         t.join().unwrap();
@@ -542,7 +561,7 @@ mod tests {
             while c2.state() == RunState::Running {
                 std::thread::yield_now();
             }
-            let go_on = c2.checkpoint(0, || Err("not asked".into()));
+            let go_on = c2.checkpoint(0, || Err(VcpuSaveError::NoAnswer(0)));
             c2.unregister_current();
             go_on
         });
@@ -559,7 +578,7 @@ mod tests {
         // With no vCPU left, a pause does not wait.
         c.pause();
         c.set(RunState::Stopping);
-        assert!(!c.checkpoint(0, || Err("not asked".into())));
+        assert!(!c.checkpoint(0, || Err(VcpuSaveError::NoAnswer(0))));
         c.set(RunState::Running);
         assert_eq!(c.state(), RunState::Stopping, "stopping is final");
     }

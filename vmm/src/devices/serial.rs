@@ -179,7 +179,11 @@ impl SerialDevice {
     }
 
     /// A UART in the saved state `s` (an interrupt it had pending is raised again).
-    pub fn from_state(s: &SerialState, irq: IrqLine, sink: ConsoleSink) -> Result<Self, String> {
+    pub fn from_state(
+        s: &SerialState,
+        irq: IrqLine,
+        sink: ConsoleSink,
+    ) -> Result<Self, vm_superio::serial::Error<std::io::Error>> {
         let state = UartState {
             baud_divisor_low: s.baud_divisor_low,
             baud_divisor_high: s.baud_divisor_high,
@@ -192,9 +196,7 @@ impl SerialDevice {
             scratch: s.scratch,
             in_buffer: s.in_buffer.clone(),
         };
-        Serial::from_state(&state, irq, NoEvents, sink)
-            .map(|uart| SerialDevice { uart })
-            .map_err(|e| format!("serial state: {e:?}"))
+        Serial::from_state(&state, irq, NoEvents, sink).map(|uart| SerialDevice { uart })
     }
 
     /// Raises the interrupt line again if the UART has an interrupt pending (after a

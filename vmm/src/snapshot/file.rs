@@ -53,15 +53,13 @@ fn write_files(dir: &Path, mut state: VmState, mem: &GuestMemory) -> Result<(), 
     state.memory_id = super::random_id().map_err(SnapshotError::io("randomness for", dir))?;
     state.regions = memory::save(mem, &dir.join(MEMORY_FILE), &state.memory_id)?;
     let path = dir.join(STATE_FILE);
-    let payload =
-        serde_json::to_vec(&state).map_err(|e| SnapshotError::State(format!("encoding: {e}")))?;
+    let payload = serde_json::to_vec(&state).map_err(SnapshotError::Encode)?;
     let header = Header {
         format: FORMAT_VERSION,
         length: payload.len() as u64,
         sha256: hex_digest(&payload),
     };
-    let header = serde_json::to_string(&header)
-        .map_err(|e| SnapshotError::State(format!("encoding: {e}")))?;
+    let header = serde_json::to_string(&header).map_err(SnapshotError::Encode)?;
     let io = |what| SnapshotError::io(what, &path);
     let mut f = std::fs::OpenOptions::new()
         .write(true)

@@ -8,6 +8,8 @@
 //! follows what KVM expects: CPUID first, the LAPIC before the MSRs (the TSC deadline
 //! timer), pending events last.
 
+use std::time::Duration;
+
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
     kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
@@ -18,6 +20,25 @@ use kvm_ioctls::{VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
 use super::SnapshotError;
+
+/// Why the vCPUs' states could not be saved.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuSaveError {
+    #[error("the vCPUs did not all park within {0:?}")]
+    NotParked(Duration),
+    #[error("vCPU {0} did not save its state in time")]
+    NoAnswer(usize),
+    #[error("the VM ended while vCPU {vcpu}'s state was saved: {exit}")]
+    VmEnded { vcpu: u8, exit: String },
+    #[error("vCPU {vcpu}: {message} while its state was saved")]
+    Panicked { vcpu: u8, message: String },
+    #[error("vCPU {vcpu}: {source}")]
+    Read {
+        vcpu: u8,
+        #[source]
+        source: Box<SnapshotError>,
+    },
+}
 
 /// Most MSRs read or written by one ioctl.
 const MSR_CHUNK: usize = 64;
@@ -121,8 +142,10 @@ impl VcpuState {
 
     /// Writes the state into a new vCPU.
     pub fn restore(&self, fd: &VcpuFd) -> Result<(), SnapshotError> {
-        let cpuid = CpuId::from_entries(&self.cpuid)
-            .map_err(|e| SnapshotError::State(format!("vCPU {} CPUID: {e:?}", self.index)))?;
+        let cpuid = CpuId::from_entries(&self.cpuid).map_err(|source| SnapshotError::Entries {
+            what: format!("vCPU {} CPUID", self.index),
+            source,
+        })?;
         fd.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
         if let Some(khz) = self.tsc_khz {
             if fd.get_tsc_khz().ok() != Some(khz) {
@@ -149,7 +172,10 @@ impl VcpuState {
 }
 
 fn msrs_of(entries: &[kvm_msr_entry]) -> Result<Msrs, SnapshotError> {
-    Msrs::from_entries(entries).map_err(|e| SnapshotError::State(format!("MSR list: {e:?}")))
+    Msrs::from_entries(entries).map_err(|source| SnapshotError::Entries {
+        what: "MSR list".into(),
+        source,
+    })
 }
 
 /// Reads every MSR of `list` this host lets KVM read: KVM stops at the first one it
@@ -184,10 +210,9 @@ fn write_msrs(fd: &VcpuFd, entries: &[kvm_msr_entry]) -> Result<(), SnapshotErro
     for chunk in entries.chunks(MSR_CHUNK) {
         let written = fd.set_msrs(&msrs_of(chunk)?).map_err(kvm("KVM_SET_MSRS"))?;
         if written < chunk.len() {
-            return Err(SnapshotError::State(format!(
-                "KVM refused to restore MSR {:#x}",
-                chunk[written].index
-            )));
+            return Err(SnapshotError::MsrRefused {
+                index: chunk[written].index,
+            });
         }
     }
     Ok(())

@@ -11,7 +11,7 @@
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use vm_memory::{
     mmap::MmapRegionBuilder, Bytes, FileOffset, GuestAddress, GuestMemory as _, GuestMemoryRegion,
@@ -67,7 +67,7 @@ pub fn save(mem: &GuestMemory, path: &Path, id: &str) -> Result<Vec<RegionState>
         while done < len {
             let n = CHUNK.min((len - done) as usize);
             mem.read_slice(&mut buf[..n], GuestAddress(start + done))
-                .map_err(|e| SnapshotError::State(format!("reading guest memory: {e}")))?;
+                .map_err(SnapshotError::ReadMemory)?;
             write_sparse(&file, &buf[..n], offset + done).map_err(io("writing"))?;
             done += n as u64;
         }
@@ -101,6 +101,7 @@ fn write_sparse(file: &File, data: &[u8], offset: u64) -> std::io::Result<()> {
 /// An opened memory file whose header matched its state.
 #[derive(Debug)]
 pub struct MemoryFile {
+    path: PathBuf,
     file: File,
     regions: Vec<RegionState>,
 }
@@ -145,6 +146,7 @@ impl MemoryFile {
             ));
         }
         Ok(MemoryFile {
+            path: path.to_path_buf(),
             file,
             regions: regions.to_vec(),
         })
@@ -157,19 +159,30 @@ impl MemoryFile {
             let file = self
                 .file
                 .try_clone()
-                .map_err(|e| SnapshotError::State(format!("memory file: {e}")))?;
+                .map_err(SnapshotError::io("duplicating", &self.path))?;
             let region = MmapRegionBuilder::new(r.size as usize)
                 .with_file_offset(FileOffset::new(file, r.file_offset))
                 .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
                 .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
                 .build()
-                .map_err(|e| SnapshotError::State(format!("mapping guest memory: {e}")))?;
-            let region = GuestRegionMmap::new(region, GuestAddress(r.guest_addr))
-                .ok_or_else(|| SnapshotError::State("guest memory region overflows".into()))?;
+                .map_err(|source| SnapshotError::MapMemory {
+                    path: self.path.clone(),
+                    source,
+                })?;
+            let region =
+                GuestRegionMmap::new(region, GuestAddress(r.guest_addr)).ok_or_else(|| {
+                    SnapshotError::RegionOverflow {
+                        path: self.path.clone(),
+                        guest_addr: r.guest_addr,
+                        size: r.size,
+                    }
+                })?;
             mapped.push(region);
         }
-        GuestMemory::from_regions(mapped)
-            .map_err(|e| SnapshotError::State(format!("guest memory regions: {e}")))
+        GuestMemory::from_regions(mapped).map_err(|source| SnapshotError::Regions {
+            path: self.path.clone(),
+            source,
+        })
     }
 }
 

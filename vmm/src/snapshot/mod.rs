@@ -23,7 +23,7 @@ use crate::devices::serial::SerialState;
 use crate::devices::virtio::mmio::MmioState;
 use crate::host_profile::HostProfile;
 pub use file::{load, save, Snapshot};
-pub use kvm_state::{VcpuState, VmKvmState};
+pub use kvm_state::{VcpuSaveError, VcpuState, VmKvmState};
 
 /// Version of the state and memory file formats; a snapshot of another version is refused.
 pub const FORMAT_VERSION: u32 = 1;
@@ -52,8 +52,42 @@ pub enum SnapshotError {
         #[source]
         source: kvm_ioctls::Error,
     },
-    #[error("{0}")]
-    State(String),
+    #[error("encoding the snapshot state: {0}")]
+    Encode(#[source] serde_json::Error),
+    #[error("{what}: {source}")]
+    Entries {
+        what: String,
+        #[source]
+        source: vmm_sys_util::fam::Error,
+    },
+    #[error("KVM refused to restore MSR {index:#x}")]
+    MsrRefused { index: u32 },
+    #[error("reading guest memory: {0}")]
+    ReadMemory(#[source] vm_memory::GuestMemoryError),
+    #[error("mapping guest memory from {path}: {source}")]
+    MapMemory {
+        path: PathBuf,
+        #[source]
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    #[error("memory file {path}: a region at {guest_addr:#x} of {size} bytes overflows")]
+    RegionOverflow {
+        path: PathBuf,
+        guest_addr: u64,
+        size: u64,
+    },
+    #[error("memory file {path}: its regions do not form a guest memory: {source}")]
+    Regions {
+        path: PathBuf,
+        #[source]
+        source: vm_memory::GuestRegionCollectionError,
+    },
+    #[error("the VM has ended")]
+    VmEnded,
+    #[error("saving the vCPUs: {0}")]
+    Vcpus(#[from] VcpuSaveError),
+    #[error("serial state: {0}")]
+    Serial(#[source] vm_superio::serial::Error<std::io::Error>),
 }
 
 impl SnapshotError {

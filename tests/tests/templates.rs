@@ -3,7 +3,9 @@
 //! refused (corrupted) leaves the container to a cold boot with a log line; a store
 //! without the container's template gets it made in the background, by one builder at a
 //! time, and the next container restores it, unless its bundle says
-//! `run.oci.runvm.template=false`. Needs /dev/kvm, the kernel and the agent initramfs.
+//! `run.oci.runvm.template=false`. A template's VM runs in the VMM's jail, without root's
+//! powers, under the supervisor's seccomp filter. Needs /dev/kvm, the kernel and the
+//! agent initramfs.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -262,8 +264,9 @@ fn a_template_that_does_not_fit_on_disk_fails_in_one_line_and_leaves_nothing() {
     );
 }
 
-/// Pids of `runvm ... template create` processes working on `store`.
-fn builders(store: &Path) -> Vec<i32> {
+/// Pids of `runvm ... template create` processes working on `store`, with the children
+/// that run their VMs (same command line).
+fn build_processes(store: &Path) -> Vec<i32> {
     let needle = store.to_string_lossy().into_owned();
     std::fs::read_dir("/proc")
         .into_iter()
@@ -282,6 +285,98 @@ fn builders(store: &Path) -> Vec<i32> {
             (building && args.iter().any(|a| a == &needle)).then_some(pid)
         })
         .collect()
+}
+
+/// A field of /proc/PID/status.
+fn status_field(pid: i32, name: &str) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| {
+        l.strip_prefix(name)
+            .and_then(|r| r.strip_prefix(':'))
+            .map(|v| v.trim().to_string())
+    })
+}
+
+/// The builders working on `store` (not the children running their VMs).
+fn builders(store: &Path) -> Vec<i32> {
+    let all = build_processes(store);
+    let parent = |pid: i32| status_field(pid, "PPid").and_then(|p| p.parse::<i32>().ok());
+    all.iter()
+        .copied()
+        .filter(|&pid| !parent(pid).is_some_and(|pp| all.contains(&pp)))
+        .collect()
+}
+
+/// The child of a builder on `store` that runs the template's VM, once its VM's threads
+/// run (they start only after the child confined itself).
+fn template_vm_process(store: &Path, deadline: Instant) -> Option<i32> {
+    while Instant::now() < deadline {
+        let all = build_processes(store);
+        let tops = builders(store);
+        let vm = all.into_iter().find(|p| !tops.contains(p)).filter(|&p| {
+            status_field(p, "Threads").is_some_and(|t| t.parse::<u32>().unwrap_or(0) > 1)
+        });
+        if vm.is_some() {
+            return vm;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+#[test]
+fn a_template_vm_runs_in_the_vmm_jail_without_root_powers_under_the_filter() {
+    skip_unless!(container_test_unavailable());
+    let dir = TempDir::new("tpl-confined");
+    let store = dir.path().join("templates");
+    let log = dir.path().join("log");
+    let build = {
+        let (s, l) = (store.clone(), log.clone());
+        std::thread::spawn(move || run_with_timeout(runvm_with(&s, &l, &["template", "create"]), T))
+    };
+    let vm = template_vm_process(&store, Instant::now() + T);
+    let seen = vm.map(|pid| {
+        let root = PathBuf::from(format!("/proc/{pid}/root"));
+        let kernel = std::fs::canonicalize(runvm_tests::kernel().unwrap()).unwrap();
+        let cap_eff = status_field(pid, "CapEff").unwrap_or_default();
+        (
+            status_field(pid, "Seccomp"),
+            status_field(pid, "NoNewPrivs"),
+            u64::from_str_radix(&cap_eff, 16).unwrap_or(u64::MAX),
+            root.join("etc").exists(),
+            root.join(runvm_bin().unwrap().strip_prefix("/").unwrap())
+                .exists(),
+            root.join(kernel.strip_prefix("/").unwrap()).exists(),
+            root.join(store.strip_prefix("/").unwrap())
+                .read_dir()
+                .map(|d| d.count()),
+        )
+    });
+    let f = build.join().unwrap();
+    ok(&f, "runvm template create");
+    let (seccomp, nnp, caps, etc, bin, kernel, store_entries) =
+        seen.expect("the builder's VM child was never seen running");
+    assert_eq!(seccomp.as_deref(), Some("2"), "a seccomp filter");
+    assert_eq!(nnp.as_deref(), Some("1"), "no_new_privs");
+    for (cap, name) in [
+        (21, "CAP_SYS_ADMIN"),
+        (12, "CAP_NET_ADMIN"),
+        (19, "CAP_SYS_PTRACE"),
+    ] {
+        assert_eq!(caps & (1 << cap), 0, "{name} is dropped (CapEff {caps:x})");
+    }
+    assert!(!etc && !bin, "the host's files are out of its root");
+    assert!(kernel, "the kernel is in its root");
+    // Only the build's own work directory of the store is in its root.
+    assert_eq!(
+        store_entries.ok(),
+        Some(1),
+        "the store's entries in its root"
+    );
+    let list = runvm_with(&store, &log, &["template", "list"]);
+    let list = run_with_timeout(list, T);
+    ok(&list, "template list");
+    assert_eq!(list.stdout.lines().count(), 2, "{}", list.stdout);
 }
 
 #[test]

@@ -8,10 +8,10 @@
 //! VM once the process's status and all of its output are in.
 
 mod control_server;
-mod jail;
+pub(crate) mod jail;
 mod namespaces;
 mod network;
-mod privileges;
+pub(crate) mod privileges;
 mod templates;
 mod terminal;
 

@@ -28,6 +28,9 @@ const LOCK_FD: i32 = 3;
 /// How long a template's VM may take to come up.
 const READY_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// How long a template's VM may take to come up and be saved.
+const BUILD_TIMEOUT: Duration = Duration::from_secs(420);
+
 /// What a build did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Built {
@@ -106,32 +109,48 @@ fn private_dir(path: &Path) -> Result<(), TemplateError> {
         .map_err(io_err("creating", path))
 }
 
-/// Boots the VM in `work` and saves it into `work/snapshot`; returns that directory.
+/// Boots the VM in `work` and saves it into `work/snapshot`, in a confined child
+/// (`confine`); returns that directory.
 fn build_in(
     work: &Path,
-    config: VmConfig,
+    mut config: VmConfig,
     profile: HostProfile,
     shape: &vmm::snapshot::Shape,
 ) -> Result<PathBuf, TemplateError> {
     private_dir(work)?;
+    let work = std::fs::canonicalize(work).map_err(io_err("resolving", work))?;
     let share = work.join("share");
-    private_dir(&share)?;
-    let vsock = work.join(sandbox::VSOCK_NAME);
-    let launch = Launch {
-        config,
-        profile,
-        vsock: &vsock,
-        share: Some(&share),
-        ready_timeout: READY_TIMEOUT,
-        template: None,
-        identity: None,
-    };
-    let vm = Sandbox::launch(launch, |_| {})?;
     let snap = work.join("snapshot");
-    let saved = private_dir(&snap).and_then(|()| Ok(vm.snapshot(&snap, shape)?));
-    vm.handle().stop();
-    let _ = vm.finish(Duration::ZERO);
-    saved.map(|()| snap)
+    private_dir(&share)?;
+    private_dir(&snap)?;
+    // The child sees the assets at their own paths, links resolved.
+    config.kernel =
+        std::fs::canonicalize(&config.kernel).map_err(io_err("resolving", &config.kernel))?;
+    if let Some(initrd) = &config.initrd {
+        config.initrd = Some(std::fs::canonicalize(initrd).map_err(io_err("resolving", initrd))?);
+    }
+    let mut assets = vec![config.kernel.clone()];
+    assets.extend(config.initrd.clone());
+    let assets: Vec<&Path> = assets.iter().map(PathBuf::as_path).collect();
+    let vsock = work.join(sandbox::VSOCK_NAME);
+    let mode = config.seccomp;
+    super::confine::run_confined(&work, &assets, mode, BUILD_TIMEOUT, || {
+        let launch = Launch {
+            config,
+            profile,
+            vsock: &vsock,
+            share: Some(&share),
+            ready_timeout: READY_TIMEOUT,
+            template: None,
+            identity: None,
+        };
+        let vm = Sandbox::launch(launch, |_| {})?;
+        let saved = vm.snapshot(&snap, shape);
+        vm.handle().stop();
+        let _ = vm.finish(Duration::ZERO);
+        Ok(saved?)
+    })?;
+    Ok(snap)
 }
 
 /// Removes what builds that died left (their process is gone) and templates moved aside

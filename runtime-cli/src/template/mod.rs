@@ -16,6 +16,7 @@
 //! while; the store keeps at most [`MAX_TEMPLATES`], the least recently used go first.
 
 pub mod build;
+pub mod confine;
 
 use std::fs::File;
 use std::os::fd::AsFd;
@@ -59,6 +60,13 @@ pub enum TemplateError {
     NotFound(String),
     #[error("making a template: {0}")]
     Sandbox(#[from] crate::sandbox::SandboxError),
+    #[error("making a template: confining its VM: {0}")]
+    Confine(#[from] confine::ConfineError),
+    #[error("making a template: {reason}")]
+    Builder { reason: String },
+    /// The error line of the child that ran the template's VM, as it wrote it.
+    #[error("{line}")]
+    Child { line: String },
     #[error("another template build held {path} for {waited:?}")]
     LockTimeout { path: PathBuf, waited: Duration },
     #[error("{path}: {free_mib} MiB free, a template of {need_mib} MiB of guest memory may need them all")]

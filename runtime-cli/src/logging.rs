@@ -4,8 +4,18 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::Path;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Mutex;
 use std::time::SystemTime;
+
+/// The descriptor of the `--log` file the logger writes to (-1: none).
+static FILE_FD: AtomicI32 = AtomicI32::new(-1);
+
+/// The descriptor the logger writes its file through, if it writes to one: a process
+/// that closes what it inherited must keep it.
+pub fn file_fd() -> Option<std::os::fd::RawFd> {
+    Some(FILE_FD.load(Ordering::Relaxed)).filter(|&fd| fd >= 0)
+}
 
 /// Output format of log lines.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -96,6 +106,7 @@ pub fn init(log_file: Option<&Path>, format: LogFormat, debug: bool) -> std::io:
         // The logger keeps the file open for good: a VMM ended by its seccomp filter
         // says why there too.
         if let Some(fd) = raw {
+            FILE_FD.store(fd, Ordering::Relaxed);
             vmm::seccomp::report_to(fd, format == LogFormat::Json);
         }
     }

@@ -303,7 +303,7 @@ fn builders(store: &Path) -> Vec<i32> {
     let parent = |pid: i32| status_field(pid, "PPid").and_then(|p| p.parse::<i32>().ok());
     all.iter()
         .copied()
-        .filter(|&pid| !parent(pid).is_some_and(|pp| all.contains(&pp)))
+        .filter(|&pid| parent(pid).is_some_and(|pp| !all.contains(&pp)))
         .collect()
 }
 
@@ -324,11 +324,24 @@ fn template_vm_process(store: &Path, deadline: Instant) -> Option<i32> {
     None
 }
 
+/// What the test sees of a template's VM process.
+struct Confinement {
+    seccomp: Option<String>,
+    no_new_privs: Option<String>,
+    caps: u64,
+    ns_pid: Option<String>,
+    host_etc: bool,
+    runvm_bin: bool,
+    kernel: bool,
+    store_entries: Option<usize>,
+    fds: Vec<PathBuf>,
+}
+
 #[test]
 fn a_template_vm_runs_in_the_vmm_jail_without_root_powers_under_the_filter() {
     skip_unless!(container_test_unavailable());
     let dir = TempDir::new("tpl-confined");
-    let store = dir.path().join("templates");
+    let store = std::fs::canonicalize(dir.path()).unwrap().join("templates");
     let log = dir.path().join("log");
     let build = {
         let (s, l) = (store.clone(), log.clone());
@@ -337,41 +350,66 @@ fn a_template_vm_runs_in_the_vmm_jail_without_root_powers_under_the_filter() {
     let vm = template_vm_process(&store, Instant::now() + T);
     let seen = vm.map(|pid| {
         let root = PathBuf::from(format!("/proc/{pid}/root"));
-        let kernel = std::fs::canonicalize(runvm_tests::kernel().unwrap()).unwrap();
+        let inside =
+            |p: PathBuf| root.join(std::fs::canonicalize(p).unwrap().strip_prefix("/").unwrap());
         let cap_eff = status_field(pid, "CapEff").unwrap_or_default();
-        (
-            status_field(pid, "Seccomp"),
-            status_field(pid, "NoNewPrivs"),
-            u64::from_str_radix(&cap_eff, 16).unwrap_or(u64::MAX),
-            root.join("etc").exists(),
-            root.join(runvm_bin().unwrap().strip_prefix("/").unwrap())
-                .exists(),
-            root.join(kernel.strip_prefix("/").unwrap()).exists(),
-            root.join(store.strip_prefix("/").unwrap())
-                .read_dir()
-                .map(|d| d.count()),
-        )
+        let fds: Vec<PathBuf> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .collect();
+        Confinement {
+            seccomp: status_field(pid, "Seccomp"),
+            no_new_privs: status_field(pid, "NoNewPrivs"),
+            caps: u64::from_str_radix(&cap_eff, 16).unwrap_or(u64::MAX),
+            ns_pid: status_field(pid, "NSpid"),
+            host_etc: root.join("etc").exists(),
+            runvm_bin: inside(runvm_bin().unwrap()).exists(),
+            kernel: inside(runvm_tests::kernel().unwrap()).exists(),
+            store_entries: inside(store.clone()).read_dir().map(|d| d.count()).ok(),
+            fds,
+        }
     });
     let f = build.join().unwrap();
     ok(&f, "runvm template create");
-    let (seccomp, nnp, caps, etc, bin, kernel, store_entries) =
-        seen.expect("the builder's VM child was never seen running");
-    assert_eq!(seccomp.as_deref(), Some("2"), "a seccomp filter");
-    assert_eq!(nnp.as_deref(), Some("1"), "no_new_privs");
+    let c = seen.expect("the builder's VM child was never seen running");
+    assert_eq!(c.seccomp.as_deref(), Some("2"), "a seccomp filter");
+    assert_eq!(c.no_new_privs.as_deref(), Some("1"), "no_new_privs");
     for (cap, name) in [
         (21, "CAP_SYS_ADMIN"),
         (12, "CAP_NET_ADMIN"),
         (19, "CAP_SYS_PTRACE"),
     ] {
-        assert_eq!(caps & (1 << cap), 0, "{name} is dropped (CapEff {caps:x})");
+        assert_eq!(
+            c.caps & (1 << cap),
+            0,
+            "{name} is dropped (CapEff {:x})",
+            c.caps
+        );
     }
-    assert!(!etc && !bin, "the host's files are out of its root");
-    assert!(kernel, "the kernel is in its root");
+    assert!(
+        c.ns_pid
+            .as_deref()
+            .is_some_and(|n| n.ends_with(" 1") || n.ends_with("\t1")),
+        "the first process of its own pid namespace: NSpid {:?}",
+        c.ns_pid
+    );
+    assert!(
+        !c.host_etc && !c.runvm_bin,
+        "the host's files are out of its root"
+    );
+    assert!(c.kernel, "the kernel is in its root");
     // Only the build's own work directory of the store is in its root.
-    assert_eq!(
-        store_entries.ok(),
-        Some(1),
-        "the store's entries in its root"
+    assert_eq!(c.store_entries, Some(1), "the store's entries in its root");
+    let work = store.join(".build-").to_string_lossy().into_owned();
+    let store_fd = c
+        .fds
+        .iter()
+        .find(|l| l.starts_with(&store) && !l.to_string_lossy().starts_with(&work));
+    assert!(
+        store_fd.is_none(),
+        "no descriptor of the store's outside its work: {:?}",
+        c.fds
     );
     let list = runvm_with(&store, &log, &["template", "list"]);
     let list = run_with_timeout(list, T);

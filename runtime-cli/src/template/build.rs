@@ -28,8 +28,11 @@ const LOCK_FD: i32 = 3;
 /// How long a template's VM may take to come up.
 const READY_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// How long a template's VM may take to come up and be saved.
-const BUILD_TIMEOUT: Duration = Duration::from_secs(420);
+/// How long a template's VM may take to be saved once it is up: 2 minutes, and a second
+/// for each 8 MiB of its memory (a disk of 8 MiB/s at least).
+fn save_timeout(mem_mib: u64) -> Duration {
+    Duration::from_secs(120 + mem_mib / 8)
+}
 
 /// What a build did.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -134,7 +137,8 @@ fn build_in(
     let assets: Vec<&Path> = assets.iter().map(PathBuf::as_path).collect();
     let vsock = work.join(sandbox::VSOCK_NAME);
     let mode = config.seccomp;
-    super::confine::run_confined(&work, &assets, mode, BUILD_TIMEOUT, || {
+    let timeout = READY_TIMEOUT + save_timeout(config.mem_mib);
+    super::confine::run_confined(&work, &assets, mode, timeout, || {
         let launch = Launch {
             config,
             profile,

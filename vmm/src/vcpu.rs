@@ -63,6 +63,8 @@ struct ControlInner {
     threads: Vec<Pthread>,
     /// Saved states by vCPU index while a save is asked for (see `save_states`).
     save: Option<Vec<Option<Result<VcpuState, VcpuSaveError>>>>,
+    /// Counts save requests: a state saved for one that timed out is not handed to the next.
+    save_round: u64,
 }
 
 impl VcpuControl {
@@ -74,6 +76,7 @@ impl VcpuControl {
                 parked: 0,
                 threads: Vec::new(),
                 save: None,
+                save_round: 0,
             }),
             changed: Condvar::new(),
         }
@@ -120,6 +123,7 @@ impl VcpuControl {
             return Err(VcpuSaveError::NotParked(timeout));
         }
         s.save = Some((0..count).map(|_| None).collect());
+        s.save_round += 1;
         self.changed.notify_all();
         let saved = |s: &ControlInner| {
             s.save
@@ -200,9 +204,15 @@ impl VcpuControl {
                     .and_then(|v| v.get(usize::from(index)))
                     .is_some_and(Option::is_none);
                 if asked {
+                    // Saving (ioctls, a pending I/O exit completed) runs without the lock,
+                    // so the caller's deadline holds however long it takes.
+                    let round = s.save_round;
+                    drop(s);
                     let state = save();
-                    if let Some(slot) = s.save.as_mut().and_then(|v| v.get_mut(usize::from(index)))
-                    {
+                    s = lock(&self.inner);
+                    let current = s.save_round == round;
+                    let slot = s.save.as_mut().and_then(|v| v.get_mut(usize::from(index)));
+                    if let (Some(slot), true) = (slot, current) {
                         *slot = Some(state);
                     }
                     self.changed.notify_all();
@@ -546,6 +556,39 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(5));
         stop_tx.send(()).unwrap();
         t.join().unwrap();
+    }
+
+    #[test]
+    fn a_save_that_outlasts_its_deadline_does_not_hold_the_caller() {
+        install_kick_handler().unwrap();
+        let c = Arc::new(VcpuControl::new());
+        let c2 = c.clone();
+        let (registered_tx, registered) = std::sync::mpsc::channel();
+        // A stand-in vCPU that parks, then takes 3 s to save its state.
+        let t = std::thread::spawn(move || {
+            c2.register_current();
+            registered_tx.send(()).unwrap();
+            while c2.state() == RunState::Running {
+                std::thread::yield_now();
+            }
+            let go_on = c2.checkpoint(0, || {
+                std::thread::sleep(Duration::from_secs(3));
+                Err(VcpuSaveError::NoAnswer(0))
+            });
+            c2.unregister_current();
+            go_on
+        });
+        registered.recv().unwrap();
+        let started = Instant::now();
+        let e = c.save_states(1, Duration::from_millis(300)).unwrap_err();
+        assert!(matches!(e, VcpuSaveError::NoAnswer(0)), "{e}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "returned after {:?}",
+            started.elapsed()
+        );
+        c.set(RunState::Stopping);
+        assert!(!t.join().unwrap());
     }
 
     #[test]

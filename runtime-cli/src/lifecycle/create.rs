@@ -135,28 +135,42 @@ pub(super) fn template_after_vm(g: &Globals, plan: &Plan, assets: &Assets, dir: 
     };
     let key = shape.key();
     let store = crate::template::TemplateStore::new(store_dir);
-    let refused = dir.file(crate::state::files::TEMPLATE_REFUSED);
-    if refused.exists() {
-        let _ = std::fs::remove_file(&refused);
-        if let Err(e) = store.quarantine(&key) {
-            log::warn!("templates: {e}");
-        }
-    } else if store.has(&shape) {
+    let refused = take_refused(dir);
+    if refused.is_none() && store.has(&shape) {
         store.touch(&key);
         return;
     }
-    if store.failed_recently(&key) {
+    // The build lock: a template is moved aside or made by its holder alone (a builder
+    // that holds it checks the template there itself).
+    let lock = match store.ensure().and_then(|()| store.try_lock_builds()) {
+        Ok(Some(lock)) => lock,
+        Ok(None) => return,
+        Err(e) => {
+            log::warn!("templates: {e}");
+            return;
+        }
+    };
+    if let Some((dev, ino)) = refused {
+        if let Err(e) = store.quarantine_if(&key, dev, ino) {
+            log::warn!("templates: {e}");
+        }
+    }
+    if store.has(&shape) || store.failed_recently(&key) {
         return;
     }
-    match store.ensure().and_then(|()| store.try_lock_builds()) {
-        Ok(Some(lock)) => {
-            log::debug!("making template {key} in the background");
-            let flags = g.template_builder_args(assets);
-            crate::template::build::spawn_background(&store, flags, &config, lock);
-        }
-        Ok(None) => {}
-        Err(e) => log::warn!("templates: {e}"),
-    }
+    log::debug!("making template {key} in the background");
+    let flags = g.template_builder_args(assets);
+    crate::template::build::spawn_background(&store, flags, &config, lock);
+}
+
+/// Which template the VMM refused (its directory's device and inode), if it refused
+/// one; the word it left is consumed.
+fn take_refused(dir: &StateDir) -> Option<(u64, u64)> {
+    let path = dir.file(crate::state::files::TEMPLATE_REFUSED);
+    let text = std::fs::read_to_string(&path).ok()?;
+    let _ = std::fs::remove_file(&path);
+    let mut first = text.lines().next()?.split(' ');
+    Some((first.next()?.parse().ok()?, first.next()?.parse().ok()?))
 }
 
 /// Checks a network namespace path (one that is none fails here, before anything

@@ -222,6 +222,7 @@ pub fn prepare(cfg: &SupervisorConfig) -> Result<Prepared, SupervisorError> {
     let profile = vmm::HostProfile::detect();
     // Opened before the jail: the VM maps the template's memory file later.
     let template = templates::find(cfg, &vm_config, &profile);
+    let template_dir = template.as_ref().map(|t| t.dir.clone());
     shed_privileges(cfg, &vm_config)?;
     let shared = Arc::new(Shared {
         client: OnceLock::new(),
@@ -251,7 +252,9 @@ pub fn prepare(cfg: &SupervisorConfig) -> Result<Prepared, SupervisorError> {
     };
     let sandbox = Sandbox::launch(launch, move |vm| s.stopper.attach(vm))?;
     if let (_, Some(why)) = sandbox.origin() {
-        templates::note_refused(cfg, why);
+        if let Some(dir) = &template_dir {
+            templates::note_refused(cfg, dir, why);
+        }
     }
     let _ = shared.client.set(sandbox.client().clone());
     let _ = shared.net.set(sandbox.net());

@@ -13,10 +13,14 @@ pub(super) fn find(
     profile: &vmm::HostProfile,
 ) -> Option<vmm::snapshot::Snapshot> {
     let store = crate::template::TemplateStore::new(cfg.templates.as_ref()?);
-    let found = crate::sandbox::shape(config, profile, true)
-        .map_err(|e| e.to_string())
-        .and_then(|shape| store.load(&shape).map_err(|e| e.to_string()));
-    match found {
+    let shape = match crate::sandbox::shape(config, profile, true) {
+        Ok(shape) => shape,
+        Err(e) => {
+            log::warn!("container {}: no template ({e}): booting", cfg.state.id);
+            return None;
+        }
+    };
+    match store.load(&shape) {
         Ok(Some(t)) => Some(t),
         Ok(None) => {
             log::info!(
@@ -30,17 +34,23 @@ pub(super) fn find(
                 "container {}: template refused ({e}): booting instead",
                 cfg.state.id
             );
-            note_refused(cfg, &e);
+            note_refused(cfg, &store.path(&shape.key()), &e.to_string());
             None
         }
     }
 }
 
-/// Leaves word in the state directory that this VM's template was refused, so that
-/// `create` moves it aside and has it made again.
-pub(super) fn note_refused(cfg: &SupervisorConfig, why: &str) {
+/// Leaves word in the state directory that the template at `dir` was refused (which
+/// one: its directory's device and inode, so that a template made since is never taken
+/// for it), for `create` to move it aside and have it made again.
+pub(super) fn note_refused(cfg: &SupervisorConfig, dir: &std::path::Path, why: &str) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::symlink_metadata(dir) else {
+        return;
+    };
     let path = cfg.state.file(files::TEMPLATE_REFUSED);
-    if let Err(e) = crate::state::write_private(&path, format!("{why}\n").as_bytes()) {
+    let text = format!("{} {}\n{why}\n", meta.dev(), meta.ino());
+    if let Err(e) = crate::state::write_private(&path, text.as_bytes()) {
         log::debug!("recording a refused template: {e}");
     }
 }

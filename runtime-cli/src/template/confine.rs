@@ -119,7 +119,7 @@ fn child(report: OwnedFd, go: OwnedFd, body: impl FnOnce() -> Result<(), Templat
     let line = match outcome {
         Ok(Ok(())) => None,
         Ok(Err(e)) => Some(crate::logging::error_line(&e)),
-        Err(p) => Some(format!("panicked: {}", panic_text(&*p))),
+        Err(p) => Some(format!("panicked: {}", vmm::event_loop::panic_message(&*p))),
     };
     if let Some(line) = &line {
         let mut f = std::fs::File::from(report);
@@ -169,13 +169,6 @@ fn keep_only_own_descriptors(report: &OwnedFd) -> std::io::Result<()> {
     Ok(())
 }
 
-fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_default()
-}
-
 /// Confines this (single-threaded) child: as root, its own mount namespace, the jail,
 /// the VMM's capabilities; in any case the supervisor's filter.
 fn confine(work: &Path, assets: &[&Path], mode: SeccompMode) -> Result<(), ConfineError> {
@@ -208,14 +201,14 @@ fn wait_child(child: Pid, report: OwnedFd, timeout: Duration) -> Result<(), Temp
     let last = text.lines().rev().find(|l| !l.trim().is_empty());
     match (status, last) {
         (Some(WaitStatus::Exited(_, 0)), _) => Ok(()),
+        (Some(WaitStatus::Signaled(_, sig, _)), _) => {
+            failed(format!("its VMM was killed by {sig}"))
+        }
         (_, Some(line)) => Err(TemplateError::Child {
             line: line.trim().to_string(),
         }),
         (Some(WaitStatus::Exited(_, code)), None) => {
             failed(format!("its VMM exited with status {code}"))
-        }
-        (Some(WaitStatus::Signaled(_, sig, _)), None) => {
-            failed(format!("its VMM was killed by {sig}"))
         }
         _ => failed("its VMM's end could not be collected".into()),
     }

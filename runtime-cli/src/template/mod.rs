@@ -210,7 +210,13 @@ impl TemplateStore {
             let f = rustix::fs::openat(dir.as_fd(), name, file_flags, Mode::empty())
                 .map(File::from)
                 .map_err(|e| io_err("opening", &at)(e.into()))?;
-            check_private_file(&at, &f)?;
+            let meta = f.metadata().map_err(io_err("reading", &at))?;
+            if !check_private_meta(&at, meta)?.is_file() {
+                return Err(TemplateError::Unsafe {
+                    path: at,
+                    reason: "not a regular file".into(),
+                });
+            }
             files.push(f);
         }
         let memory = files.pop().unwrap_or_else(|| unreachable!());
@@ -224,6 +230,17 @@ impl TemplateStore {
     pub fn touch(&self, key: &str) {
         if let Ok(dir) = File::open(self.path(key)) {
             let _ = dir.set_modified(SystemTime::now());
+        }
+    }
+
+    /// [`TemplateStore::quarantine`] of the template `key` only while it is the one whose
+    /// directory has device `dev` and inode `ino` (one made since stays). The caller
+    /// holds the build lock.
+    pub fn quarantine_if(&self, key: &str, dev: u64, ino: u64) -> Result<(), TemplateError> {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::symlink_metadata(self.path(key)) {
+            Ok(m) if m.dev() == dev && m.ino() == ino => self.quarantine(key),
+            _ => Ok(()),
         }
     }
 

@@ -94,6 +94,46 @@ fn templates_are_removed_by_key_only() {
 }
 
 #[test]
+fn only_the_refused_template_is_moved_aside_not_one_made_since() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = scratch("refused-since");
+    let store = TemplateStore::new(&dir);
+    store.ensure().unwrap();
+    let shape = shape();
+    let key = shape.key();
+    let old = std::fs::metadata(fake_template(&store, &shape)).unwrap();
+    // A builder replaced the refused template with a new one since (the old one is
+    // still held aside, so the new one cannot reuse its inode).
+    std::fs::rename(store.path(&key), dir.join("held-aside")).unwrap();
+    let new = std::fs::metadata(fake_template(&store, &shape)).unwrap();
+    assert_ne!((old.dev(), old.ino()), (new.dev(), new.ino()));
+    store.quarantine_if(&key, old.dev(), old.ino()).unwrap();
+    assert!(store.has(&shape), "the new template stays");
+    store.quarantine_if(&key, new.dev(), new.ino()).unwrap();
+    assert!(!store.has(&shape), "the refused one goes");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_template_file_that_is_not_a_regular_file_is_refused() {
+    let dir = scratch("fifo");
+    let store = TemplateStore::new(&dir);
+    store.ensure().unwrap();
+    let shape = shape();
+    let path = fake_template(&store, &shape);
+    let state = path.join(snapshot::STATE_FILE);
+    std::fs::remove_file(&state).unwrap();
+    nix::unistd::mkfifo(&state, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    match store.load(&shape) {
+        Err(TemplateError::Unsafe { reason, .. }) => {
+            assert!(reason.contains("regular"), "{reason}")
+        }
+        other => panic!("a FIFO as state file: {other:?}"),
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn one_build_at_a_time() {
     let dir = scratch("lock");
     let store = TemplateStore::new(&dir);

@@ -203,39 +203,67 @@ impl Drop for TempDir {
 /// A tmpfs of a few MiB mounted for a test (a file system that fills up), unmounted on
 /// drop.
 #[derive(Debug)]
-pub struct SmallDisk(TempDir);
+pub struct SmallDisk {
+    dir: PathBuf,
+    _made: Option<TempDir>,
+}
 
 impl SmallDisk {
-    /// A `mib` MiB tmpfs, mode 0700.
+    /// A `mib` MiB tmpfs, mode 0700, on a new directory.
     pub fn new(mib: u32) -> Self {
-        let dir = TempDir::new("small-disk");
-        let st = std::process::Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={mib}m,mode=0700"),
-                "tmpfs",
-            ])
-            .arg(dir.path())
-            .status()
-            .expect("mount");
-        assert!(st.success(), "mounting a tmpfs");
-        SmallDisk(dir)
+        let made = TempDir::new("small-disk");
+        let mut disk = Self::on(made.path(), mib);
+        disk._made = Some(made);
+        disk
+    }
+
+    /// A `mib` MiB tmpfs, mode 0700, on `dir`.
+    pub fn on(dir: &Path, mib: u32) -> Self {
+        let data = format!("size={mib}m,mode=0700");
+        nix::mount::mount(
+            Some("runvm-test"),
+            dir,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(data.as_str()),
+        )
+        .expect("mounting a tmpfs");
+        SmallDisk {
+            dir: dir.to_path_buf(),
+            _made: None,
+        }
     }
 
     /// Where it is mounted.
     pub fn path(&self) -> &Path {
-        self.0.path()
+        &self.dir
+    }
+
+    /// Writes `name` in it until it is full.
+    pub fn fill(&self, name: &str) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.dir.join(name)).unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.write_all(&[0]);
     }
 }
 
 impl Drop for SmallDisk {
+    /// Unmounts it (before the directory made for it, if any, is removed).
     fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg(self.0.path())
-            .status();
+        let _ = nix::mount::umount2(&self.dir, nix::mount::MntFlags::MNT_DETACH);
     }
+}
+
+/// Field `name` of /proc/PID/status (its value, trimmed), if the process is there.
+pub fn proc_status(pid: i32, name: &str) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| {
+        l.strip_prefix(name)
+            .and_then(|r| r.strip_prefix(':'))
+            .map(|v| v.trim().to_string())
+    })
 }
 
 /// A token unlikely to appear by chance, for proving data made the round trip.

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use runvm_tests::{
-    container_test_unavailable, ok, pid_alive, runvm, runvm_to_files, skip_unless, token,
-    ContainerGuard, TempDir, TestBundle,
+    container_test_unavailable, ok, pid_alive, proc_status, runvm, runvm_to_files, skip_unless,
+    token, ContainerGuard, SmallDisk, TempDir, TestBundle,
 };
 
 /// One VM boot and container setup on software KVM takes ~25 s.
@@ -188,42 +188,12 @@ fn assert_confined(vmm: i32, root: &Path, id: &str) {
     assert_eq!(devs, ["kvm", "null"], "device nodes in the VMM's root");
     let write = std::fs::write(jail.join("x"), "x").map_err(|e| e.raw_os_error());
     assert_eq!(write, Err(Some(libc::EROFS)), "the VMM's root is writable");
-    let status = std::fs::read_to_string(format!("/proc/{vmm}/status")).unwrap();
-    for line in ["Seccomp:\t2", "NoNewPrivs:\t1"] {
-        assert!(status.contains(line), "{line} missing:\n{status}");
-    }
-}
-
-/// A tmpfs of `size` on `dir`, unmounted when dropped.
-struct SmallFs(PathBuf);
-
-impl SmallFs {
-    fn mount(dir: &Path, size: &str) -> Self {
-        let data = format!("size={size},mode=0700");
-        nix::mount::mount(
-            Some("runvm-test"),
-            dir,
-            Some("tmpfs"),
-            nix::mount::MsFlags::empty(),
-            Some(data.as_str()),
-        )
-        .unwrap();
-        SmallFs(dir.to_path_buf())
-    }
-
-    /// Writes `dir/name` until the file system is full.
-    fn fill(&self, name: &str) {
-        use std::io::Write;
-        let mut f = std::fs::File::create(self.0.join(name)).unwrap();
-        let chunk = vec![0u8; 64 * 1024];
-        while f.write_all(&chunk).is_ok() {}
-        let _ = f.write_all(&[0]);
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    for (field, value) in [("Seccomp", "2"), ("NoNewPrivs", "1")] {
+        assert_eq!(
+            proc_status(vmm, field).as_deref(),
+            Some(value),
+            "{field} of the VMM"
+        );
     }
 }
 
@@ -248,7 +218,7 @@ fn a_dying_guest_and_a_full_state_file_system_leave_nothing() {
     skip_unless!(container_test_unavailable());
     let root = TempDir::new("root");
     let r = root.path().to_path_buf();
-    let fs = SmallFs::mount(&r, "16m");
+    let fs = SmallDisk::on(&r, 16);
     let _guard = ContainerGuard::new(&r, &["crash1", "full1", "full2"]);
     let (cg_crash, cg_full) = (
         format!("/runvm-test/{}", token()),

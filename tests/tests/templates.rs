@@ -12,8 +12,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use runvm_tests::{
-    container_test_unavailable, ok, run_with_timeout, runvm, runvm_bin, shared_templates,
-    skip_unless, Finished, SmallDisk, TempDir, TestBundle,
+    container_test_unavailable, ok, proc_status, run_with_timeout, runvm, runvm_bin,
+    shared_templates, skip_unless, Finished, SmallDisk, TempDir, TestBundle,
 };
 
 const T: Duration = Duration::from_secs(300);
@@ -287,20 +287,10 @@ fn build_processes(store: &Path) -> Vec<i32> {
         .collect()
 }
 
-/// A field of /proc/PID/status.
-fn status_field(pid: i32, name: &str) -> Option<String> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| {
-        l.strip_prefix(name)
-            .and_then(|r| r.strip_prefix(':'))
-            .map(|v| v.trim().to_string())
-    })
-}
-
 /// The builders working on `store` (not the children running their VMs).
 fn builders(store: &Path) -> Vec<i32> {
     let all = build_processes(store);
-    let parent = |pid: i32| status_field(pid, "PPid").and_then(|p| p.parse::<i32>().ok());
+    let parent = |pid: i32| proc_status(pid, "PPid").and_then(|p| p.parse::<i32>().ok());
     all.iter()
         .copied()
         .filter(|&pid| parent(pid).is_some_and(|pp| !all.contains(&pp)))
@@ -314,7 +304,7 @@ fn template_vm_process(store: &Path, deadline: Instant) -> Option<i32> {
         let all = build_processes(store);
         let tops = builders(store);
         let vm = all.into_iter().find(|p| !tops.contains(p)).filter(|&p| {
-            status_field(p, "Threads").is_some_and(|t| t.parse::<u32>().unwrap_or(0) > 1)
+            proc_status(p, "Threads").is_some_and(|t| t.parse::<u32>().unwrap_or(0) > 1)
         });
         if vm.is_some() {
             return vm;
@@ -352,17 +342,17 @@ fn a_template_vm_runs_in_the_vmm_jail_without_root_powers_under_the_filter() {
         let root = PathBuf::from(format!("/proc/{pid}/root"));
         let inside =
             |p: PathBuf| root.join(std::fs::canonicalize(p).unwrap().strip_prefix("/").unwrap());
-        let cap_eff = status_field(pid, "CapEff").unwrap_or_default();
+        let cap_eff = proc_status(pid, "CapEff").unwrap_or_default();
         let fds: Vec<PathBuf> = std::fs::read_dir(format!("/proc/{pid}/fd"))
             .unwrap()
             .flatten()
             .filter_map(|e| std::fs::read_link(e.path()).ok())
             .collect();
         Confinement {
-            seccomp: status_field(pid, "Seccomp"),
-            no_new_privs: status_field(pid, "NoNewPrivs"),
+            seccomp: proc_status(pid, "Seccomp"),
+            no_new_privs: proc_status(pid, "NoNewPrivs"),
             caps: u64::from_str_radix(&cap_eff, 16).unwrap_or(u64::MAX),
-            ns_pid: status_field(pid, "NSpid"),
+            ns_pid: proc_status(pid, "NSpid"),
             host_etc: root.join("etc").exists(),
             runvm_bin: inside(runvm_bin().unwrap()).exists(),
             kernel: inside(runvm_tests::kernel().unwrap()).exists(),

@@ -29,6 +29,8 @@ pub mod files {
     pub const EXECS: &str = "execs";
     /// Written by the VMM when its VM's template was refused or could not be restored.
     pub const TEMPLATE_REFUSED: &str = "template.refused";
+    /// Written by the VMM when its VM's shape had no template (the template's key).
+    pub const TEMPLATE_MISSING: &str = "template.missing";
 }
 
 /// Options for a file of runvm's own: mode 0600 whatever the umask (the VMM's is

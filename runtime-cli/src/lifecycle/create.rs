@@ -122,24 +122,18 @@ pub fn check(g: &Globals, o: &CreateOptions, own_tty: bool) -> Result<Checked, L
     })
 }
 
-/// After the container's VM is up: a template its VMM refused (or could not restore) is
-/// moved aside; when the VM's shape has no template, none is being made and none failed
-/// lately, a builder starts in the background. Later containers of the shape restore it.
+/// After the container's VM is up, acting on the word its VMM left: a template it
+/// refused (or could not restore) is moved aside; when the VM's shape has no template,
+/// none is being made and none failed lately, a builder starts in the background. Later
+/// containers of the shape restore it. A VM restored from its template left no word.
 pub(super) fn template_after_vm(g: &Globals, plan: &Plan, assets: &Assets, dir: &StateDir) {
     let Some(store_dir) = g.templates_for(plan) else {
         return;
     };
-    let config = plan.vm_config(assets, vmm::ConsoleOutput::Sink);
-    let Ok(shape) = crate::sandbox::shape(&config, &vmm::HostProfile::detect(), true) else {
+    let Some(word) = TemplateWord::take(dir) else {
         return;
     };
-    let key = shape.key();
     let store = crate::template::TemplateStore::new(store_dir);
-    let refused = take_refused(dir);
-    if refused.is_none() && store.has(&shape) {
-        store.touch(&key);
-        return;
-    }
     // The build lock: a template is moved aside or made by its holder alone (a builder
     // that holds it checks the template there itself).
     let lock = match store.ensure().and_then(|()| store.try_lock_builds()) {
@@ -150,27 +144,52 @@ pub(super) fn template_after_vm(g: &Globals, plan: &Plan, assets: &Assets, dir: 
             return;
         }
     };
-    if let Some((dev, ino)) = refused {
-        if let Err(e) = store.quarantine_if(&key, dev, ino) {
+    if let Some((dev, ino)) = word.refused {
+        if let Err(e) = store.quarantine_if(&word.key, dev, ino) {
             log::warn!("templates: {e}");
         }
     }
-    if store.has(&shape) || store.failed_recently(&key) {
+    if store.path(&word.key).is_dir() || store.failed_recently(&word.key) {
         return;
     }
-    log::debug!("making template {key} in the background");
+    log::debug!("making template {} in the background", word.key);
+    let config = plan.vm_config(assets, vmm::ConsoleOutput::Sink);
     let flags = g.template_builder_args(assets);
     crate::template::build::spawn_background(&store, flags, &config, lock);
 }
 
-/// Which template the VMM refused (its directory's device and inode), if it refused
-/// one; the word it left is consumed.
-fn take_refused(dir: &StateDir) -> Option<(u64, u64)> {
-    let path = dir.file(crate::state::files::TEMPLATE_REFUSED);
-    let text = std::fs::read_to_string(&path).ok()?;
-    let _ = std::fs::remove_file(&path);
-    let mut first = text.lines().next()?.split(' ');
-    Some((first.next()?.parse().ok()?, first.next()?.parse().ok()?))
+/// What the VMM said of its VM's template: its key, and which one it refused, if it did.
+struct TemplateWord {
+    key: String,
+    refused: Option<(u64, u64)>,
+}
+
+impl TemplateWord {
+    /// Reads and removes the word the VMM left, if any.
+    fn take(dir: &StateDir) -> Option<Self> {
+        let files = crate::state::files::TEMPLATE_REFUSED;
+        let missing = crate::state::files::TEMPLATE_MISSING;
+        let read = |name: &str| {
+            let path = dir.file(name);
+            let text = std::fs::read_to_string(&path).ok();
+            let _ = std::fs::remove_file(&path);
+            text
+        };
+        let (refused, missing) = (read(files), read(missing));
+        let text = refused.as_deref().or(missing.as_deref())?;
+        let mut first = text.lines().next()?.split(' ');
+        // The VMM's word is checked: a key names a template's directory and nothing else.
+        let key = first
+            .next()
+            .filter(|k| crate::template::is_key(k))?
+            .to_string();
+        let mut number = || first.next().and_then(|n| n.parse::<u64>().ok());
+        let refused = match refused {
+            Some(_) => Some((number()?, number()?)),
+            None => None,
+        };
+        Some(TemplateWord { key, refused })
+    }
 }
 
 /// Checks a network namespace path (one that is none fails here, before anything

@@ -77,6 +77,12 @@ pub enum TemplateError {
     },
 }
 
+/// Whether `s` has the form of a template key ([`Shape::key`]: 32 lowercase hex digits),
+/// so that it names a directory of the store and nothing else.
+pub fn is_key(s: &str) -> bool {
+    s.len() == 32 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> TemplateError {
     let path = path.to_path_buf();
     move |source| TemplateError::Io { what, path, source }
@@ -238,6 +244,9 @@ impl TemplateStore {
     /// holds the build lock.
     pub fn quarantine_if(&self, key: &str, dev: u64, ino: u64) -> Result<(), TemplateError> {
         use std::os::unix::fs::MetadataExt;
+        if !is_key(key) {
+            return Err(TemplateError::NotFound(key.to_string()));
+        }
         match std::fs::symlink_metadata(self.path(key)) {
             Ok(m) if m.dev() == dev && m.ino() == ino => self.quarantine(key),
             _ => Ok(()),

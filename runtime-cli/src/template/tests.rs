@@ -107,6 +107,15 @@ fn only_the_refused_template_is_moved_aside_not_one_made_since() {
     std::fs::rename(store.path(&key), dir.join("held-aside")).unwrap();
     let new = std::fs::metadata(fake_template(&store, &shape)).unwrap();
     assert_ne!((old.dev(), old.ino()), (new.dev(), new.ino()));
+    let outside = std::fs::metadata(&dir).unwrap();
+    for bad in ["..", "../x", ".lock", ""] {
+        assert!(
+            store
+                .quarantine_if(bad, outside.dev(), outside.ino())
+                .is_err(),
+            "{bad}"
+        );
+    }
     store.quarantine_if(&key, old.dev(), old.ino()).unwrap();
     assert!(store.has(&shape), "the new template stays");
     store.quarantine_if(&key, new.dev(), new.ino()).unwrap();
